@@ -1,0 +1,39 @@
+// Dry run: executes every rank's program with op costs from a callback (zero by default) and
+// no data, the way the engine would order them: per-stream program order, explicit dependencies,
+// collectives that complete when every member of the group instance has arrived, and
+// point-to-point messages that complete when both ends are there. It proves a compiled plan is
+// executable (no deadlock, sends match receives, collectives agree across members) and, with
+// costs, gives each op's start and end.
+#pragma once
+
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "engine/plan/compiler.hpp"
+
+namespace px {
+
+using OpCostFn = std::function<double(const Program&, const Op&)>;
+
+struct OpTiming {
+  double start = 0;
+  double end = 0;
+};
+
+struct DryRunResult {
+  bool ok = false;
+  std::string error;     // deadlock or mismatch, naming ranks and ops
+  double makespan = 0;
+  std::vector<std::vector<OpTiming>> timings;  // [rank][op] when requested
+  std::vector<double> compute_busy;            // per rank: time the compute stream was busy
+};
+
+struct DryRunOptions {
+  OpCostFn cost;               // null: every op costs nothing
+  bool record_timings = false;
+};
+
+DryRunResult dry_run(const CompiledPlan& plan, const DryRunOptions& options = {});
+
+}  // namespace px

@@ -1,0 +1,167 @@
+// The op program: the ordered ops one rank role executes in one training iteration, with the
+// tensors they read and write. It is the IR both the engine (executes it) and the simulator
+// (replays it) consume, so it holds everything either needs and nothing about how either runs.
+#pragma once
+
+#include <cstdint>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "engine/spec/spec.hpp"
+
+namespace px {
+
+enum class OpKind : std::uint8_t {
+  // compute
+  Embedding,      // token (+ position) lookup
+  Norm,           // LayerNorm or RMSNorm
+  Gemm,           // dense matmul, optionally with bias (m x k) * (k x n)
+  Rope,           // rotary position embedding on q and k
+  AttentionCore,  // softmax(q k^T) v, causal; flash or unfused
+  Activation,     // GELU or SwiGLU
+  DropoutAdd,     // (bias +) dropout + residual add
+  Router,         // MoE gate: logits, softmax, top-k, capacity
+  Permute,        // MoE token permutation into per-expert order (and back)
+  CrossEntropy,   // vocab-parallel softmax cross-entropy
+  OptimizerStep,  // AdamW with gradient clipping on this rank's (shard of) parameters
+  // communication
+  AllReduce,
+  ReduceScatter,
+  AllGather,
+  AllToAll,
+  Send,
+  Recv,
+  RingExchange,  // one step of a ring: send to the next member, receive from the previous (CP)
+  // memory
+  CopyD2H,
+  CopyH2D,
+};
+constexpr int kNumOpKinds = static_cast<int>(OpKind::CopyH2D) + 1;
+
+enum class OpClass : std::uint8_t { Compute, Comm, Memory };
+OpClass op_class(OpKind k);
+std::string_view to_string(OpKind k);
+inline bool is_comm(OpKind k) { return op_class(k) == OpClass::Comm; }
+inline bool is_collective(OpKind k) { return is_comm(k) && k != OpKind::Send && k != OpKind::Recv; }
+
+enum class Phase : std::uint8_t {
+  Forward,
+  Backward,        // input and weight gradients together
+  BackwardInput,   // "B" of zero-bubble schedules: input gradients only
+  BackwardWeight,  // "W": weight gradients only
+  Recompute,       // forward work repeated during backward
+  Optimizer,       // gradient reduction tail and the optimizer step
+};
+std::string_view to_string(Phase p);
+
+// Streams are the tracks of a trace: ops on one stream run in program order; across streams only
+// explicit dependencies order them (CUDA streams and events; MPI progress threads on CPU).
+enum class Stream : std::uint8_t {
+  Compute,
+  TensorComm,   // TP/CP/EP collectives the compute stream waits on
+  DataComm,     // DP gradient reduction and ZeRO gathers, overlapped with compute
+  PipeSendNext, // activations to the next pipeline stage
+  PipeRecvPrev,
+  PipeSendPrev, // gradients to the previous pipeline stage
+  PipeRecvNext,
+  Memcpy,       // host<->device offload copies
+  Host,         // work on the host CPU (offloaded optimizer)
+};
+constexpr int kNumStreams = static_cast<int>(Stream::Host) + 1;
+std::string_view to_string(Stream s);
+
+// Process groups, Megatron-style. Members of one group instance share every coordinate but the
+// ones the group spans (rank order tp-cp-ep-dp-pp, ep subdividing dp).
+enum class GroupKind : std::uint8_t {
+  None,
+  TP,         // spans tp
+  CP,         // spans cp
+  EP,         // spans ep
+  DP,         // spans cp and dp: dense gradient reduction and ZeRO sharding
+  ExpertDP,   // spans tp, cp and dp/ep: expert gradient reduction (experts are not tensor-parallel)
+  PP,         // spans pp
+  Embedding,  // first and last pipeline stage: tied word-embedding gradients
+};
+constexpr int kNumGroupKinds = static_cast<int>(GroupKind::Embedding) + 1;
+std::string_view to_string(GroupKind g);
+
+enum class TensorClass : std::uint8_t {
+  Weight,       // persistent model weights (the ZeRO-3 shard when sharded)
+  Gradient,     // persistent main gradients (the shard under ZeRO-2/3)
+  Optimizer,    // persistent fp32 master weights and Adam moments (the shard under ZeRO-1+)
+  Activation,   // saved by a forward op for its backward
+  Temporary,    // produced and consumed within a phase
+  Gathered,     // ZeRO-3 gathered weights, or full-size gradients awaiting reduce-scatter
+  Received,     // pipeline receive buffers
+};
+constexpr int kNumTensorClasses = static_cast<int>(TensorClass::Received) + 1;
+std::string_view to_string(TensorClass c);
+inline bool is_persistent(TensorClass c) {
+  return c == TensorClass::Weight || c == TensorClass::Gradient || c == TensorClass::Optimizer;
+}
+
+struct Tensor {
+  std::int64_t bytes = 0;
+  std::uint32_t name = 0;   // index into Program::names
+  std::uint32_t first_op = 0;  // op that produces it (persistent tensors: 0)
+  std::uint32_t last_op = 0;   // last op that reads it (persistent tensors: the last op)
+  TensorClass cls = TensorClass::Temporary;
+};
+
+struct TensorUse {
+  std::uint32_t tensor = 0;
+  bool write = false;
+};
+
+inline constexpr std::int32_t kNone = -1;
+
+struct Op {
+  OpKind kind = OpKind::Gemm;
+  Phase phase = Phase::Forward;
+  Stream stream = Stream::Compute;
+  GroupKind group = GroupKind::None;
+  std::int8_t peer = 0;       // Send/Recv/RingExchange: +1 next, -1 previous member of the group's ring
+  DType dtype = DType::BF16;
+  std::uint8_t chunk = 0;     // virtual pipeline chunk
+  std::uint32_t name = 0;     // index into Program::names, e.g. "qkv"
+  std::int32_t layer = kNone;        // global transformer layer index
+  std::int32_t micro_batch = kNone;
+  // Shape: Gemm (m, n, k) with batch = number of independent matmuls (grouped experts);
+  // AttentionCore (m = query tokens per sequence, n = key tokens, k = head dim, batch = seqs * heads);
+  // elementwise ops: m = rows, n = columns.
+  std::int64_t m = 0, n = 0, k = 0, batch = 1;
+  double flops = 0;            // tensor-core (matmul) FLOPs, the ones MFU counts
+  double vector_flops = 0;     // other arithmetic (norms, softmax, elementwise, optimizer)
+  std::int64_t bytes_read = 0;
+  std::int64_t bytes_written = 0;
+  // Comm: the buffer size in nccl-tests' sense: all-reduce buffer; all-gather output; reduce-scatter
+  // input; all-to-all per-rank send buffer; send/recv/ring-exchange message. Memory: bytes copied.
+  std::int64_t comm_bytes = 0;
+  std::uint32_t deps_begin = 0, deps_end = 0;  // into Program::deps: ops (besides the stream's
+                                               // previous op) that must finish first
+  std::uint32_t uses_begin = 0, uses_end = 0;  // into Program::uses
+};
+
+// The program of one rank role (a pipeline stage); every rank of that role runs it, bound to its
+// own process groups.
+struct Program {
+  int pp_stage = 0;
+  std::vector<Op> ops;
+  std::vector<std::uint32_t> deps;
+  std::vector<TensorUse> uses;
+  std::vector<Tensor> tensors;
+  std::vector<std::string> names;
+
+  std::span<const std::uint32_t> deps_of(const Op& op) const {
+    return {deps.data() + op.deps_begin, op.deps_end - op.deps_begin};
+  }
+  std::span<const TensorUse> uses_of(const Op& op) const {
+    return {uses.data() + op.uses_begin, op.uses_end - op.uses_begin};
+  }
+  std::string_view name_of(const Op& op) const { return names[op.name]; }
+  std::string_view name_of(const Tensor& t) const { return names[t.name]; }
+};
+
+}  // namespace px

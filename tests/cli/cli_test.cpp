@@ -1,0 +1,118 @@
+// The `parallax` command as a user runs it: published parameter counts, the 10,240-rank plan, and
+// one clear error line with exit code 2 for every kind of bad input.
+#include <gtest/gtest.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <array>
+#include <cstdio>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <string>
+
+namespace {
+
+struct Result {
+  int code = -1;
+  std::string out, err;
+};
+
+// Runs the CLI with `args` (shell-quoted by the caller), capturing stdout and stderr.
+Result run(const std::string& args) {
+  static int calls = 0;
+  const std::string err_file =
+      ::testing::TempDir() + "/parallax_cli_stderr_" + std::to_string(getpid()) + "_" + std::to_string(++calls) + ".txt";
+  const std::string cmd = std::string("'") + PX_CLI + "' --datasets '" + PX_DATASETS_DIR + "' " + args + " 2>'" + err_file + "'";
+  Result r;
+  FILE* p = popen(cmd.c_str(), "r");
+  if (!p) return r;
+  std::array<char, 4096> buf{};
+  std::size_t n;
+  while ((n = fread(buf.data(), 1, buf.size(), p)) > 0) r.out.append(buf.data(), n);
+  const int status = pclose(p);
+  r.code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  std::ifstream in(err_file);
+  r.err.assign(std::istreambuf_iterator<char>(in), {});
+  return r;
+}
+
+nlohmann::json run_json(const std::string& args) {
+  const Result r = run(args);
+  EXPECT_EQ(r.code, 0) << r.err;
+  return nlohmann::json::parse(r.out);
+}
+
+TEST(ModelInfo, PublishedParameterCounts) {
+  struct Expect {
+    const char* model;
+    double total_b, active_b, tolerance;
+  };
+  for (const Expect& e : {Expect{"gpt3-175b", 174.6, 174.6, 0.001}, Expect{"llama2-70b", 68.98, 68.98, 0.0005},
+                          Expect{"llama3-8b", 8.03, 8.03, 0.001}, Expect{"mixtral-8x7b", 46.7, 12.9, 0.002}}) {
+    const auto j = run_json(std::string("model info ") + e.model + " --json");
+    EXPECT_NEAR(j["parameters"]["total_billions"].get<double>() / e.total_b, 1.0, e.tolerance) << e.model;
+    EXPECT_NEAR(j["parameters"]["active_billions"].get<double>() / e.active_b, 1.0, e.tolerance) << e.model;
+  }
+}
+
+TEST(PlanShow, CompilesAll10240RanksOfGpt3) {
+  const auto j = run_json(
+      "plan show --model gpt3-175b --cluster h100-10240 --tp 8 --pp 16 --dp 80 --global-batch 2560 --micro-batch 1 "
+      "--schedule interleaved-1f1b --virtual-stages 2 --json");
+  EXPECT_EQ(j["world_size"], 10240);
+  EXPECT_EQ(j["ranks_bound"], 10240);
+  EXPECT_EQ(j["distinct_roles"], 16);
+  EXPECT_EQ(j["micro_batches"], 32);
+  EXPECT_NEAR(j["flops_per_iteration"].get<double>() / j["flops_per_iteration_closed_form"].get<double>(), 1.0, 1e-9);
+  std::int64_t ranks = 0;
+  for (const auto& role : j["roles"]) {
+    ranks += role["ranks"].get<std::int64_t>();
+    EXPECT_EQ(role["chunks"].size(), 2u);
+    EXPECT_TRUE(role["memory"]["fits_hbm"].get<bool>()) << "stage " << role["pipeline_stage"];
+  }
+  EXPECT_EQ(ranks, 10240);
+}
+
+TEST(PlanShow, TextReportNamesEveryStage) {
+  const Result r = run("plan show --model llama3-8b --tp 2 --pp 2 --dp 2 --global-batch 8");
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_NE(r.out.find("tp2·pp2·dp2 = 8 ranks, 2 distinct rank roles"), std::string::npos) << r.out;
+}
+
+// Every bad input: exit code 2, exactly one line on stderr, and it says where and why.
+struct Bad {
+  const char* name;
+  const char* args;
+  const char* expect;  // a fragment of the error line
+};
+
+class BadInput : public ::testing::TestWithParam<Bad> {};
+
+TEST_P(BadInput, OneClearLineAndExitCode2) {
+  const Result r = run(GetParam().args);
+  EXPECT_EQ(r.code, 2) << r.err;
+  EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
+  EXPECT_NE(r.err.find(GetParam().expect), std::string::npos) << r.err;
+  EXPECT_TRUE(r.out.empty()) << r.out;
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Cli, BadInput,
+    ::testing::Values(
+        Bad{"unknown_model", "model info gpt-4", "gpt-4"},
+        Bad{"missing_model_file", "model info " PX_DATASETS_DIR "/fixtures/does-not-exist.yaml", "does-not-exist.yaml"},
+        Bad{"tp_not_dividing_heads", "plan check --model gpt3-175b --tp 5", "tensor_model_parallel_size 5"},
+        Bad{"pp_not_dividing_layers", "plan check --model gpt3-175b --pp 7", "pipeline_model_parallel_size"},
+        Bad{"global_batch_not_divisible", "plan check --model gpt3-175b --dp 8 --global-batch 100", "global_batch_size 100"},
+        Bad{"ep_on_dense_model", "plan check --model llama3-8b --ep 2 --dp 2", "expert"},
+        Bad{"world_exceeds_cluster", "plan check --model gpt3-175b --cluster h100-8 --tp 8 --pp 2", "cluster"},
+        Bad{"interleaved_micro_batches", "plan check --model gpt3-175b --schedule interleaved-1f1b --pp 4 --virtual-stages 2 --global-batch 6 --dp 1",
+            "micro"},
+        Bad{"unknown_schedule", "plan check --model gpt3-175b --schedule sideways", "sideways"},
+        Bad{"flag_without_value", "plan check --model gpt3-175b --tp", "--tp"},
+        Bad{"unknown_cluster", "plan show --model gpt3-175b --cluster no-such-cluster", "no-such-cluster"},
+        Bad{"unknown_command", "frobnicate", "frobnicate"}),
+    [](const auto& param_info) { return std::string(param_info.param.name); });
+
+}  // namespace
