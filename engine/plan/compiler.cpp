@@ -121,6 +121,9 @@ struct LayerWeights {
   std::uint32_t grad_expert = 0;  // persistent (shard of the) expert gradients
   LayerParams params;
   bool moe = false;
+  std::vector<std::uint32_t> dense_weights() const {
+    return moe ? std::vector<std::uint32_t>{norm1, qkv, proj, norm2, router} : std::vector<std::uint32_t>{norm1, qkv, proj, norm2, fc1, fc2};
+  }
 };
 
 class StageCompiler {
@@ -181,10 +184,10 @@ class StageCompiler {
     return static_cast<std::uint32_t>(prog_.tensors.size() - 1);
   }
 
-  Op make(OpKind kind, std::string_view nm, Stream stream = Stream::Compute) const {
+  Op make(OpKind kind, std::string_view nm, Stream stream = Stream::Compute) {
     Op op;
     op.kind = kind;
-    op.name = const_cast<StageCompiler*>(this)->name(nm);
+    op.name = name(nm);
     op.phase = phase_;
     op.stream = stream;
     op.layer = layer_;
@@ -208,6 +211,8 @@ class StageCompiler {
     };
     for (auto d : extra_deps) depend(static_cast<std::int32_t>(d));
     for (auto t : reads) {
+      if (std::count_if(prog_.uses.begin() + op.uses_begin, prog_.uses.end(), [t](const TensorUse& u) { return u.tensor == t; }))
+        continue;  // the same tensor passed twice (e.g. the local key/value block of a one-step ring)
       depend(last_writer_[t]);
       prog_.uses.push_back({t, false});
       prog_.tensors[t].last_op = std::max(prog_.tensors[t].last_op, idx);
@@ -307,8 +312,6 @@ class StageCompiler {
 
   void make_persistent_tensors() {
     i64 dense_total = 0, expert_total = 0;
-    const int first_layer = chunk_layers(M_, P_, stage_, 0).first;
-    (void)first_layer;
     for (int c = 0; c < v_; ++c) {
       const LayerRange r = chunk_layers(M_, P_, stage_, c);
       for (int l = r.first; l < r.first + r.count; ++l) {
@@ -341,14 +344,16 @@ class StageCompiler {
       word_emb_ = weight("word_embedding.weight", word);
       emb_params_ = word;
       if (M_.position == PositionKind::Learned) {
-        pos_emb_ = weight("position_embedding.weight", static_cast<i64>(M_.max_position_embeddings) * D_.h);
+        pos_params_ = static_cast<i64>(M_.max_position_embeddings) * D_.h;
+        pos_emb_ = weight("position_embedding.weight", pos_params_);
         repl_params_ += static_cast<i64>(M_.max_position_embeddings) * D_.h;
         dense_total += static_cast<i64>(M_.max_position_embeddings) * D_.h;
       }
       dense_total += word;
     }
     if (last) {
-      final_norm_ = weight("final_norm.weight", D_.layernorm ? 2 * D_.h : D_.h);
+      final_norm_params_ = D_.layernorm ? 2 * D_.h : D_.h;
+      final_norm_ = weight("final_norm.weight", final_norm_params_);
       repl_params_ += D_.layernorm ? 2 * D_.h : D_.h;
       dense_total += D_.layernorm ? 2 * D_.h : D_.h;
       if (M_.tied_embeddings && first) {
@@ -379,8 +384,9 @@ class StageCompiler {
   std::uint32_t gather_layer(int l) {
     const LayerWeights& w = layers_.at(l);
     const auto g = tensor("zero3.gathered", D_.e * (w.params.sharded() + w.params.replicated()), TensorClass::Gathered);
-    comm(OpKind::AllGather, GroupKind::DP, "zero3.all_gather", D_.e * (w.params.sharded() + w.params.replicated()),
-         Stream::DataComm, {w.qkv, w.proj, w.norm1, w.norm2}, {g});
+    const auto idx = comm(OpKind::AllGather, GroupKind::DP, "zero3.all_gather", D_.e * (w.params.sharded() + w.params.replicated()),
+                          Stream::DataComm, {}, {g});
+    for (auto t : w.dense_weights()) add_read(idx, t);
     if (w.moe && edp_group_ > 1) {
       const auto ge = tensor("zero3.gathered_experts", D_.e * w.params.expert, TensorClass::Gathered);
       comm(OpKind::AllGather, GroupKind::ExpertDP, "zero3.all_gather_experts", D_.e * w.params.expert, Stream::DataComm,
@@ -511,26 +517,28 @@ class StageCompiler {
     return op;
   }
 
-  // Causal attention; with context parallelism a ring: cp steps over key/value blocks, each block
-  // passed to the next CP rank while the current one is computed (Liu et al., ring attention).
+  // Causal attention, as cp steps of a ring (Liu et al., ring attention): each key/value block
+  // moves on to the next CP rank while the current one is computed. Without CP, one step.
+  template <class Step>
+  void attention_ring(std::string_view ring_name, i64 block_bytes, std::uint32_t qkv, Step step) {
+    std::uint32_t kv = qkv;
+    for (int i = 0; i < D_.cp; ++i) {
+      std::uint32_t next = kv;
+      if (i + 1 < D_.cp) {
+        next = tensor(ring_name, block_bytes, TensorClass::Temporary);
+        comm(OpKind::RingExchange, GroupKind::CP, ring_name, block_bytes, Stream::TensorComm, {kv}, {next}, 1);
+      }
+      step(kv);
+      kv = next;
+    }
+  }
+
   void attention_forward(LayerActs& A, TensorClass core_cls, TensorClass act) {
     A.stats = attention_stats(core_cls);
     A.attn_out = tensor("attention.out", D_.e * D_.T * D_.a_l * D_.d, act);
-    if (D_.cp == 1) {
-      emit(attention_op("attention", D_.s, 1.0), {A.qkv}, {A.attn_out, A.stats});
-      return;
-    }
-    const i64 kv_bytes = 2 * D_.e * D_.T * D_.g_l * D_.d;
-    std::uint32_t kv = A.qkv;
-    for (int step = 0; step < D_.cp; ++step) {
-      std::uint32_t next = kv;
-      if (step + 1 < D_.cp) {
-        next = tensor("attention.kv_block", kv_bytes, TensorClass::Temporary);
-        comm(OpKind::RingExchange, GroupKind::CP, "attention.kv_ring", kv_bytes, Stream::TensorComm, {kv}, {next}, 1);
-      }
+    attention_ring("attention.kv_ring", 2 * D_.e * D_.T * D_.g_l * D_.d, A.qkv, [&](std::uint32_t kv) {
       emit(attention_op("attention", D_.S, 1.0), {A.qkv, kv}, {A.attn_out, A.stats});
-      kv = next;
-    }
+    });
   }
 
   std::uint32_t mlp_forward(int l, LayerActs& A, TensorClass act) {
@@ -644,29 +652,14 @@ class StageCompiler {
       phase_ = Phase::Recompute;
       stats = attention_stats(TensorClass::Temporary);
       const auto out = tensor("attention.out_recomputed", D_.flash ? 0 : D_.e * D_.T * D_.a_l * D_.d, TensorClass::Temporary);
-      if (D_.cp == 1) {
-        emit(attention_op("attention", D_.s, 1.0), {A.qkv}, {out, stats});
-      } else {
-        for (int step = 0; step < D_.cp; ++step) emit(attention_op("attention", D_.S, 1.0), {A.qkv}, {out, stats});
-      }
+      attention_ring("attention.kv_ring", 2 * D_.e * D_.T * D_.g_l * D_.d, A.qkv,
+                     [&](std::uint32_t kv) { emit(attention_op("attention", D_.S, 1.0), {A.qkv, kv}, {out, stats}); });
       phase_ = saved;
     }
-    if (D_.cp == 1) {
-      emit(attention_op("attention.bwd", D_.s, 2.0), {d_attn, A.qkv, A.attn_out, stats}, {d_qkv});
-      return;
-    }
-    // Ring backward: key/value blocks travel with their accumulated gradients.
-    const i64 kv_bytes = 4 * D_.e * D_.T * D_.g_l * D_.d;
-    std::uint32_t kv = A.qkv;
-    for (int step = 0; step < D_.cp; ++step) {
-      std::uint32_t next = kv;
-      if (step + 1 < D_.cp) {
-        next = tensor("attention.kv_grad_block", kv_bytes, TensorClass::Temporary);
-        comm(OpKind::RingExchange, GroupKind::CP, "attention.kv_grad_ring", kv_bytes, Stream::TensorComm, {kv}, {next}, 1);
-      }
+    // Backward: key/value blocks travel with their accumulated gradients.
+    attention_ring("attention.kv_grad_ring", 4 * D_.e * D_.T * D_.g_l * D_.d, A.qkv, [&](std::uint32_t kv) {
       emit(attention_op("attention.bwd", D_.S, 2.0), {d_attn, A.qkv, kv, A.attn_out, stats}, {d_qkv});
-      kv = next;
-    }
+    });
   }
 
   std::uint32_t mlp_backward(int l, const LayerActs& A, std::uint32_t d_branch) {
@@ -727,7 +720,10 @@ class StageCompiler {
 
   // ---- embedding and loss ----
   std::uint32_t embedding_forward() {
-    if (zero3()) emb_gathered_ = gather_params("zero3.all_gather_embedding", emb_params_, {*word_emb_});
+    // Under ZeRO-3 one gathered buffer holds the word and position tables.
+    if (zero3())
+      emb_gathered_ = pos_emb_ ? gather_params("zero3.all_gather_embedding", emb_params_ + pos_params_, {*word_emb_, *pos_emb_})
+                               : gather_params("zero3.all_gather_embedding", emb_params_, {*word_emb_});
     const auto emb = tensor("embedding.out", D_.e * D_.T * D_.h, TensorClass::Temporary);
     const auto word = emb_gathered_ ? *emb_gathered_ : *word_emb_;
     Op op = make(OpKind::Embedding, "embedding");
@@ -736,14 +732,14 @@ class StageCompiler {
     op.vector_flops = static_cast<double>(D_.T * D_.h);
     op.bytes_read = D_.e * D_.T * D_.h * (pos_emb_ ? 2 : 1);
     op.bytes_written = D_.e * D_.T * D_.h;
-    if (pos_emb_)
+    if (pos_emb_ && !emb_gathered_)
       emit(op, {word, *pos_emb_}, {emb});
     else
       emit(op, {word}, {emb});
     auto x = tp_reduce("embedding.tp_reduce", emb);  // vocab-parallel lookup: partial rows
     if (D_.hidden_dropout) {
       emb_mask_[mb_] = tensor("embedding.dropout_mask", D_.Tres * D_.h,
-                              P_.recompute == Recompute::Full ? TensorClass::Activation : TensorClass::Activation);
+                              TensorClass::Activation);
       const auto out = tensor("embedding.dropout_out", D_.e * D_.Tres * D_.h, TensorClass::Activation);
       elementwise(OpKind::DropoutAdd, "embedding.dropout", D_.Tres, D_.h, 2.0, {x}, {out, emb_mask_[mb_]});
       x = out;
@@ -804,10 +800,12 @@ class StageCompiler {
     LossActs L;
     L.x = x;
     const i64 out_params = out_params_ > 0 ? out_params_ : emb_params_;
+    // Under ZeRO-3 one gathered buffer holds the final norm and the output layer.
     std::optional<std::uint32_t> gathered;
-    if (zero3()) gathered = gather_params("zero3.all_gather_output", out_params, {*out_w_});
+    if (zero3()) gathered = gather_params("zero3.all_gather_output", out_params + final_norm_params_, {*out_w_, *final_norm_});
     L.lnf_out = tensor("final_norm.out", D_.e * D_.Tres * D_.h, TensorClass::Activation);
-    elementwise(OpKind::Norm, "final_norm", D_.Tres, D_.h, D_.layernorm ? 8.0 : 5.0, {x, *final_norm_}, {L.lnf_out});
+    elementwise(OpKind::Norm, "final_norm", D_.Tres, D_.h, D_.layernorm ? 8.0 : 5.0, {x, gathered ? *gathered : *final_norm_},
+                {L.lnf_out});
     const auto in = sp_gather("final_norm.all_gather", L.lnf_out);
     const auto logits = tensor("logits", D_.e * D_.T * D_.V_l, TensorClass::Temporary);
     gemm_fwd("output", D_.T, D_.V_l, D_.h, 1, in, gathered ? *gathered : *out_w_, logits);
@@ -822,7 +820,7 @@ class StageCompiler {
   std::uint32_t loss_backward(const LossActs& L) {
     const i64 out_params = out_params_ > 0 ? out_params_ : emb_params_;
     std::optional<std::uint32_t> gathered;
-    if (zero3()) gathered = gather_params("zero3.all_gather_output", out_params, {*out_w_});
+    if (zero3()) gathered = gather_params("zero3.all_gather_output", out_params + final_norm_params_, {*out_w_, *final_norm_});
     const auto w = gathered ? *gathered : *out_w_;
     const auto d_logits = tensor("logits.grad", D_.e * D_.T * D_.V_l, TensorClass::Temporary);
     elementwise(OpKind::CrossEntropy, "cross_entropy.bwd", D_.T, D_.V_l, 3.0, {L.softmax, L.stats}, {d_logits});
@@ -841,7 +839,7 @@ class StageCompiler {
     const auto d_lnf = tp_reduce_grad("final_norm.grad_tp_reduce", d_in);
     const auto dy = tensor("final_norm.grad_in", D_.e * D_.Tres * D_.h, TensorClass::Temporary);
     elementwise(OpKind::Norm, "final_norm.bwd", D_.Tres, D_.h, D_.layernorm ? 12.0 : 8.0,
-                {d_lnf, L.x, *final_norm_, grad_repl_}, {dy, grad_repl_});
+                {d_lnf, L.x, gathered ? w : *final_norm_, grad_repl_}, {dy, grad_repl_});
     return dy;
   }
 
@@ -1008,23 +1006,27 @@ class StageCompiler {
       for (auto g : all_grads) add_read(idx, g);
       for (auto w : weights) add_write(idx, w);
     }
-    // ZeRO-1/2: every rank updated its shard; gather the updated weights back.
-    if ((P_.zero_stage == 1 || P_.zero_stage == 2)) {
-      if (dp_group_ > 1)
-        for (auto& [l, w] : layers_)
-          comm(OpKind::AllGather, GroupKind::DP, "weights.all_gather", D_.e * (w.params.sharded() + w.params.replicated()),
-               Stream::DataComm, {w.qkv}, {w.qkv});
+    // ZeRO-1/2: every rank updated its shard; gather the updated weights back, layer by layer,
+    // then the stage's embedding, output and final-norm weights.
+    if (P_.zero_stage == 1 || P_.zero_stage == 2) {
+      if (dp_group_ > 1) {
+        for (auto& [l, w] : layers_) {
+          const auto idx = comm(OpKind::AllGather, GroupKind::DP, "weights.all_gather",
+                                D_.e * (w.params.sharded() + w.params.replicated()), Stream::DataComm, {}, {});
+          for (auto t : w.dense_weights()) add_write(idx, t);
+        }
+        const i64 rest = emb_params_ + pos_params_ + out_params_ + final_norm_params_;
+        if (rest > 0) {
+          const auto idx = comm(OpKind::AllGather, GroupKind::DP, "weights.all_gather", D_.e * rest, Stream::DataComm, {}, {});
+          for (const auto& t : {word_emb_, pos_emb_, final_norm_, out_w_})
+            if (t && !(t == out_w_ && out_w_ == word_emb_)) add_write(idx, *t);
+        }
+      }
       if (edp_group_ > 1)
         for (auto& [l, w] : layers_)
           if (w.moe)
             comm(OpKind::AllGather, GroupKind::ExpertDP, "weights.all_gather_experts", D_.e * w.params.expert,
                  Stream::DataComm, {w.experts}, {w.experts});
-      if (dp_group_ > 1 && (first || last)) {
-        const i64 rest = (first ? emb_params_ : 0) + (last ? out_params_ : 0);
-        if (rest > 0)
-          comm(OpKind::AllGather, GroupKind::DP, "weights.all_gather", D_.e * rest, Stream::DataComm, {out_w_ ? *out_w_ : *word_emb_},
-               {out_w_ ? *out_w_ : *word_emb_});
-      }
     }
   }
 
@@ -1047,6 +1049,7 @@ class StageCompiler {
     }
     prog_.uses.push_back({t, write});
     ++op.uses_end;
+    prog_.tensors[t].last_op = std::max(prog_.tensors[t].last_op, op_idx);
     if (write) last_writer_[t] = static_cast<std::int32_t>(op_idx);
   }
 
@@ -1089,6 +1092,7 @@ class StageCompiler {
   std::optional<std::uint32_t> word_emb_, pos_emb_, final_norm_, out_w_, optimizer_;
   std::uint32_t grad_emb_ = 0, grad_out_ = 0, grad_repl_ = 0;
   i64 emb_params_ = 0, out_params_ = 0, repl_params_ = 0, dense_params_ = 0, expert_params_ = 0;
+  i64 pos_params_ = 0, final_norm_params_ = 0;
 
   std::map<std::pair<int, int>, LayerActs> stash_;  // (micro-batch, layer) -> saved activations
   std::map<int, LossActs> loss_;

@@ -159,6 +159,27 @@ TEST(CommVolume, DataParallelReducesEveryGradientOnce) {
   EXPECT_DOUBLE_EQ(2.0 * 3 / 4 * static_cast<double>(reduced), 1.5 * 4 * static_cast<double>(held));
 }
 
+TEST(CommVolume, Zero1ReduceScattersGradientsAndGathersEveryWeightOnce) {
+  const CompiledPlan plan = compile("tiny-gpt", [](PlanSpec& p) {
+    p.data_parallel_size = 4;
+    p.zero_stage = 1;
+    batch(p, 1, 8);
+  });
+  const ParameterCount pc = count_parameters(plan.model);
+  const std::int64_t held = pc.total - std::int64_t{plan.model.vocab_size} * plan.model.hidden_size +
+                            std::int64_t{plan.padded_vocab} * plan.model.hidden_size;
+  std::int64_t scattered = 0, gathered = 0, reduced = 0;
+  for (const Op& op : plan.roles[0].ops) {
+    if (op.group != GroupKind::DP || op.comm_bytes == 4) continue;  // 4 B: the gradient norm
+    scattered += op.kind == OpKind::ReduceScatter ? op.comm_bytes : 0;
+    gathered += op.kind == OpKind::AllGather ? op.comm_bytes : 0;
+    reduced += op.kind == OpKind::AllReduce ? op.comm_bytes : 0;
+  }
+  EXPECT_EQ(scattered, 4 * held);  // fp32 gradients, once per iteration
+  EXPECT_EQ(gathered, 2 * held);   // bf16 weights
+  EXPECT_EQ(reduced, 0);
+}
+
 TEST(CommVolume, Zero3GathersEveryLayerTwicePerMicroBatch) {
   const CompiledPlan plan = compile("tiny-gpt", [](PlanSpec& p) {
     p.data_parallel_size = 2;
