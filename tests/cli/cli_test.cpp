@@ -1,6 +1,8 @@
 // The `parallax` command as a user runs it: published parameter counts, the 10,240-rank plan, and
 // one clear error line with exit code 2 for every kind of bad input.
 #include <gtest/gtest.h>
+
+#include <ostream>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -86,6 +88,9 @@ struct Bad {
   const char* args;
   const char* expect;  // a fragment of the error line
 };
+
+// Names the case in test output instead of dumping its bytes.
+void PrintTo(const Bad& c, std::ostream* os) { *os << c.name; }
 
 class BadInput : public ::testing::TestWithParam<Bad> {};
 

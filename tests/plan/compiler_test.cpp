@@ -3,6 +3,8 @@
 // equal the Megatron/ZeRO/pipeline formulas, and the pipeline bubble is (p-1)/(m+p-1).
 #include <gtest/gtest.h>
 
+#include <ostream>
+
 #include <cmath>
 
 #include "engine/plan/dry_run.hpp"
@@ -20,6 +22,9 @@ struct Case {
   const char* model;
   std::function<void(PlanSpec&)> set;
 };
+
+// Names the case in test output instead of dumping its bytes.
+void PrintTo(const Case& c, std::ostream* os) { *os << c.name; }
 
 void batch(PlanSpec& p, int micro, int global) {
   p.micro_batch_size = micro;

@@ -3,6 +3,8 @@
 // Korthikanti activations) within 5% on large published configurations.
 #include <gtest/gtest.h>
 
+#include <ostream>
+
 #include "engine/plan/memory_planner.hpp"
 #include "engine/spec/model_math.hpp"
 #include "plan_test_support.hpp"
@@ -40,6 +42,9 @@ struct MemoryCase {
   const char* model;
   std::function<void(PlanSpec&)> set;
 };
+
+// Names the case in test output instead of dumping its bytes.
+void PrintTo(const MemoryCase& c, std::ostream* os) { *os << c.name; }
 
 class MemoryAgreement : public ::testing::TestWithParam<MemoryCase> {};
 
