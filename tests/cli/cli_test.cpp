@@ -9,7 +9,9 @@
 #include <algorithm>
 #include <array>
 #include <cstdio>
+#include <filesystem>
 #include <fstream>
+#include <regex>
 #include <nlohmann/json.hpp>
 #include <string>
 
@@ -119,5 +121,39 @@ INSTANTIATE_TEST_SUITE_P(
         Bad{"unknown_cluster", "plan show --model gpt3-175b --cluster no-such-cluster", "no-such-cluster"},
         Bad{"unknown_command", "frobnicate", "frobnicate"}),
     [](const auto& param_info) { return std::string(param_info.param.name); });
+
+// Every damaged fixture through the CLI: one line naming the file, exit code 2, nothing on stdout.
+TEST(BadFixtures, EachGetsOneLineNamingTheFileAndExitCode2) {
+  namespace fs = std::filesystem;
+  int checked = 0;
+  for (const auto& entry : fs::directory_iterator(fs::path(PX_DATASETS_DIR) / "fixtures" / "bad")) {
+    const std::string path = entry.path().string(), stem = entry.path().stem().string();
+    std::string args;
+    if (stem.rfind("plan_", 0) == 0) {
+      // The fixture's first line says what it is checked against: "checked against MODEL[ on CLUSTER]".
+      std::ifstream in(path);
+      std::string first;
+      std::getline(in, first);
+      std::smatch m;
+      std::string model = "gpt3-175b", cluster;
+      if (std::regex_search(first, m, std::regex(R"(checked against ([\w.-]+)(?: on ([\w.-]+))?)")) && m[1] != "any") {
+        model = m[1];
+        cluster = m[2];
+      }
+      args = "plan check --model " + model + (cluster.empty() ? "" : " --cluster " + cluster) + " --plan '" + path + "'";
+    } else if (stem.rfind("cluster_", 0) == 0 || stem.rfind("gpu_", 0) == 0) {
+      args = "plan check --model tiny-gpt --cluster '" + path + "'";
+    } else {
+      args = "model info '" + path + "'";
+    }
+    const Result r = run(args);
+    EXPECT_EQ(r.code, 2) << args << "\n" << r.err;
+    EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << args << "\n" << r.err;
+    EXPECT_NE(r.err.find(entry.path().filename().string()), std::string::npos) << args << "\n" << r.err;
+    EXPECT_TRUE(r.out.empty()) << args;
+    ++checked;
+  }
+  EXPECT_GE(checked, 20);
+}
 
 }  // namespace
