@@ -1,0 +1,52 @@
+// The narrow interface between the executor and a collective library: one Communicator per process
+// group instance a rank belongs to. Buffers are fp32 (the CPU backend); sums are the reduction.
+// Every call waits at most `timeout` and then throws CommTimeout naming the group and operation,
+// so a dead or hung peer ends the job instead of hanging it.
+#pragma once
+
+#include <chrono>
+#include <cstddef>
+#include <span>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace px {
+
+class CommTimeout : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+class Communicator {
+ public:
+  virtual ~Communicator() = default;
+  virtual int rank() const = 0;  // position in the group
+  virtual int size() const = 0;
+  virtual const std::string& name() const = 0;  // e.g. "tp#3"
+
+  virtual void all_reduce(std::span<float> buf) = 0;
+  // `in` holds size() blocks of out.size(); block i of the sum lands on member i.
+  virtual void reduce_scatter(std::span<const float> in, std::span<float> out) = 0;
+  // Every member's `in` lands at block rank() of `out` (size() blocks of in.size()).
+  virtual void all_gather(std::span<const float> in, std::span<float> out) = 0;
+  // Block j of `in` goes to member j; block i of `out` comes from member i.
+  virtual void all_to_all(std::span<const float> in, std::span<float> out) = 0;
+  // Variable blocks: counts and displacements in elements, one per member.
+  virtual void all_to_all_v(std::span<const float> in, const std::vector<int>& send_counts, const std::vector<int>& send_displs,
+                            std::span<float> out, const std::vector<int>& recv_counts, const std::vector<int>& recv_displs) = 0;
+  virtual void broadcast(std::span<float> buf, int root) = 0;
+  virtual void send(std::span<const float> buf, int peer) = 0;
+  virtual void recv(std::span<float> buf, int peer) = 0;
+  // Send to one member and receive from another at once (rings, pipeline exchanges).
+  virtual void send_recv(std::span<const float> out, int to, std::span<float> in, int from) = 0;
+  virtual void barrier() = 0;
+
+  void set_timeout(std::chrono::milliseconds t) { timeout_ = t; }
+  std::chrono::milliseconds timeout() const { return timeout_; }
+
+ private:
+  std::chrono::milliseconds timeout_{60000};
+};
+
+}  // namespace px
