@@ -229,11 +229,33 @@ int plan_check(const Options& o) {
   return 0;
 }
 
+// A rank's place in the plan: its coordinates, role, and the members of each of its groups.
+json rank_binding_json(const CompiledPlan& plan, int rank) {
+  const Topology& t = plan.topology;
+  if (rank < 0 || rank >= t.world_size())
+    throw Error(ErrorKind::Usage, {}, fmt::format("--rank {} is outside the plan's {} ranks", rank, t.world_size()),
+                fmt::format("choose 0..{}", t.world_size() - 1));
+  const RankCoord c = t.coord(rank);
+  json groups = json::object();
+  for (int g = 1; g < kNumGroupKinds; ++g) {
+    const auto kind = static_cast<GroupKind>(g);
+    const int id = plan.ranks[static_cast<std::size_t>(rank)].group[static_cast<std::size_t>(g)];
+    if (id < 0 || t.size(kind) < 2) continue;
+    if (!plan.model.is_moe() && (kind == GroupKind::EP || kind == GroupKind::ExpertDP)) continue;
+    groups[std::string(to_string(kind))] = {{"instance", id}, {"index", t.group_index(kind, rank)}, {"members", t.members(kind, id)}};
+  }
+  return {{"rank", rank},
+          {"pipeline_stage", plan.ranks[static_cast<std::size_t>(rank)].role},
+          {"coordinates", {{"tp", c.tp}, {"cp", c.cp}, {"dp", t.dp_rank(c)}, {"ep", c.ep}, {"pp", c.pp}}},
+          {"groups", groups}};
+}
+
 int plan_show(const Options& o) {
   const Loaded l = load(o);
   const auto t0 = std::chrono::steady_clock::now();
   const CompiledPlan compiled = compile_plan(l.model, l.plan);
   const auto t1 = std::chrono::steady_clock::now();
+  const std::optional<json> binding = o.rank ? std::optional<json>(rank_binding_json(compiled, *o.rank)) : std::nullopt;
   const PlanSummary s = summarize(compiled);
   const auto t2 = std::chrono::steady_clock::now();
   const double compile_s = std::chrono::duration<double>(t1 - t0).count();
@@ -290,6 +312,7 @@ int plan_show(const Options& o) {
               {"compile_seconds", compile_s},
               {"summary_seconds", summary_s},
               {"roles", roles}};
+    if (binding) j["rank_binding"] = *binding;
     std::cout << j.dump(2) << "\n";
     return 0;
   }
@@ -322,6 +345,19 @@ int plan_show(const Options& o) {
                gib({GroupKind::PP}), gib({GroupKind::CP, GroupKind::EP, GroupKind::Embedding}), peak / kGiB,
                rm.total() / kGiB, hbm > 0 ? (peak <= hbm ? "yes" : "NO") : "-");
   }
+  if (binding) {
+    const json& b = *binding;
+    const auto& c = b["coordinates"];
+    fmt::print("\nrank {}: stage {}, tp {} cp {} dp {} ep {} pp {}\n", *o.rank, b["pipeline_stage"].get<int>(), c["tp"].get<int>(),
+               c["cp"].get<int>(), c["dp"].get<int>(), c["ep"].get<int>(), c["pp"].get<int>());
+    for (const auto& [kind, g] : b["groups"].items()) {
+      const auto members = g["members"].get<std::vector<int>>();
+      std::string list;
+      for (std::size_t i = 0; i < members.size() && i < 16; ++i) list += fmt::format("{}{}", i ? " " : "", members[i]);
+      if (members.size() > 16) list += fmt::format(" ... ({} ranks)", members.size());
+      fmt::print("  {:<10} #{:<6} member {:>3} of {:<3}: {}\n", kind, g["instance"].get<int>(), g["index"].get<int>(), members.size(), list);
+    }
+  }
   fmt::print("\nTP/DP/PP/other GiB: summed buffer sizes of that group's collectives per rank per iteration "
              "(nccl-tests 'size'); peak: the memory planner's arena; model: the closed-form estimate.\n");
   return 0;
@@ -348,6 +384,7 @@ void register_commands(CLI::App& app, Options& o) {
   add_plan_flags(o.plan_check, o);
   o.plan_show = plan->add_subcommand("show", "Compile a plan: per-role ops, FLOPs, comm volume, memory, schedule");
   add_plan_flags(o.plan_show, o);
+  o.plan_show->add_option("--rank", o.rank, "Also show this rank's coordinates and process groups");
 }
 
 int run(const CLI::App&, const Options& o) {

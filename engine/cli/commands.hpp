@@ -18,6 +18,7 @@ struct PlanFlags {
 struct Options {
   std::string datasets;  // empty: PARALLAX_DATASETS or the build's datasets/
   bool json = false;
+  std::optional<int> rank;  // plan show: also report this rank's binding
   std::string model, cluster;
   PlanFlags plan;
   CLI::App* model_info = nullptr;

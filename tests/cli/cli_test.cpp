@@ -78,6 +78,17 @@ TEST(PlanShow, CompilesAll10240RanksOfGpt3) {
   EXPECT_EQ(ranks, 10240);
 }
 
+TEST(PlanShow, RankBindingListsItsGroups) {
+  const auto j = run_json("plan show --model gpt3-175b --tp 8 --pp 16 --dp 80 --global-batch 2560 --rank 4321 --json");
+  const auto& b = j["rank_binding"];
+  EXPECT_EQ(b["pipeline_stage"], 6);
+  EXPECT_EQ(b["groups"]["tp"]["members"], nlohmann::json({4320, 4321, 4322, 4323, 4324, 4325, 4326, 4327}));
+  EXPECT_EQ(b["groups"]["pp"]["members"].size(), 16u);
+  EXPECT_EQ(b["groups"]["pp"]["members"][6], 4321);
+  EXPECT_EQ(b["groups"]["dp"]["members"].size(), 80u);
+  EXPECT_FALSE(b["groups"].contains("expert_dp"));  // a dense model
+}
+
 TEST(PlanShow, TextReportNamesEveryStage) {
   const Result r = run("plan show --model llama3-8b --tp 2 --pp 2 --dp 2 --global-batch 8");
   ASSERT_EQ(r.code, 0) << r.err;
@@ -118,6 +129,7 @@ INSTANTIATE_TEST_SUITE_P(
             "micro"},
         Bad{"unknown_schedule", "plan check --model gpt3-175b --schedule sideways", "sideways"},
         Bad{"flag_without_value", "plan check --model gpt3-175b --tp", "--tp"},
+        Bad{"rank_outside_plan", "plan show --model gpt3-175b --tp 8 --pp 16 --dp 80 --global-batch 2560 --rank 99999", "--rank 99999"},
         Bad{"unknown_cluster", "plan show --model gpt3-175b --cluster no-such-cluster", "no-such-cluster"},
         Bad{"unknown_command", "frobnicate", "frobnicate"}),
     [](const auto& param_info) { return std::string(param_info.param.name); });
