@@ -33,6 +33,49 @@ int as_int(std::size_t n) {
   return static_cast<int>(n);
 }
 
+// One MPI request, polled until a deadline: a peer that died or hangs becomes a CommTimeout naming
+// the group and the operation instead of a hang.
+class MpiHandle final : public CommHandle {
+ public:
+  MpiHandle(const Communicator& comm, std::string what, bool cancellable)
+      : comm_(comm), what_(std::move(what)), cancellable_(cancellable) {}
+  ~MpiHandle() override {
+    // A message dropped unfinished (after a timeout) is withdrawn so that it cannot match a later
+    // one. A collective cannot be withdrawn; the job ends after one times out anyway.
+    if (request_ != MPI_REQUEST_NULL && cancellable_) {
+      MPI_Cancel(&request_);
+      MPI_Request_free(&request_);
+    }
+  }
+  MPI_Request* request() { return &request_; }
+
+  bool test() override {
+    if (request_ == MPI_REQUEST_NULL) return true;
+    int done = 0;
+    PX_MPI_CHECK(MPI_Test(&request_, &done, MPI_STATUS_IGNORE));
+    return done != 0;
+  }
+
+  // Backs off while waiting so a rank does not spin a core that a peer on the same machine needs.
+  void wait() override {
+    const auto deadline = std::chrono::steady_clock::now() + comm_.timeout();
+    auto pause = std::chrono::microseconds(1);
+    while (!test()) {
+      if (std::chrono::steady_clock::now() > deadline)
+        throw CommTimeout(fmt::format("{} on group {} (member {} of {}) did not complete within {} ms", what_, comm_.name(),
+                                      comm_.rank(), comm_.size(), comm_.timeout().count()));
+      std::this_thread::sleep_for(pause);
+      pause = std::min(pause * 2, std::chrono::microseconds(200));
+    }
+  }
+
+ private:
+  const Communicator& comm_;
+  std::string what_;
+  bool cancellable_;  // point-to-point requests can be withdrawn, collectives cannot
+  MPI_Request request_ = MPI_REQUEST_NULL;
+};
+
 class MpiCommunicator final : public Communicator {
  public:
   MpiCommunicator(MPI_Comm comm, std::string name, bool owned) : comm_(comm), name_(std::move(name)), owned_(owned) {
@@ -47,91 +90,65 @@ class MpiCommunicator final : public Communicator {
   int size() const override { return size_; }
   const std::string& name() const override { return name_; }
 
-  void all_reduce(std::span<float> buf) override {
-    MPI_Request r;
-    PX_MPI_CHECK(MPI_Iallreduce(MPI_IN_PLACE, buf.data(), as_int(buf.size()), MPI_FLOAT, MPI_SUM, comm_, &r));
-    wait(r, "all_reduce");
+  CommHandlePtr start_all_reduce(std::span<float> buf) override {
+    auto h = handle("all_reduce");
+    PX_MPI_CHECK(MPI_Iallreduce(MPI_IN_PLACE, buf.data(), as_int(buf.size()), MPI_FLOAT, MPI_SUM, comm_, h->request()));
+    return h;
   }
-  void reduce_scatter(std::span<const float> in, std::span<float> out) override {
+  CommHandlePtr start_reduce_scatter(std::span<const float> in, std::span<float> out) override {
     assert(in.size() == out.size() * static_cast<std::size_t>(size_));
-    MPI_Request r;
-    PX_MPI_CHECK(MPI_Ireduce_scatter_block(in.data(), out.data(), as_int(out.size()), MPI_FLOAT, MPI_SUM, comm_, &r));
-    wait(r, "reduce_scatter");
+    auto h = handle("reduce_scatter");
+    PX_MPI_CHECK(MPI_Ireduce_scatter_block(in.data(), out.data(), as_int(out.size()), MPI_FLOAT, MPI_SUM, comm_, h->request()));
+    return h;
   }
-  void all_gather(std::span<const float> in, std::span<float> out) override {
+  CommHandlePtr start_all_gather(std::span<const float> in, std::span<float> out) override {
     assert(out.size() == in.size() * static_cast<std::size_t>(size_));
-    MPI_Request r;
-    PX_MPI_CHECK(MPI_Iallgather(in.data(), as_int(in.size()), MPI_FLOAT, out.data(), as_int(in.size()), MPI_FLOAT, comm_, &r));
-    wait(r, "all_gather");
+    auto h = handle("all_gather");
+    PX_MPI_CHECK(
+        MPI_Iallgather(in.data(), as_int(in.size()), MPI_FLOAT, out.data(), as_int(in.size()), MPI_FLOAT, comm_, h->request()));
+    return h;
   }
-  void all_to_all(std::span<const float> in, std::span<float> out) override {
+  CommHandlePtr start_all_to_all(std::span<const float> in, std::span<float> out) override {
     assert(in.size() == out.size() && in.size() % static_cast<std::size_t>(size_) == 0);
     const int block = as_int(in.size() / static_cast<std::size_t>(size_));
-    MPI_Request r;
-    PX_MPI_CHECK(MPI_Ialltoall(in.data(), block, MPI_FLOAT, out.data(), block, MPI_FLOAT, comm_, &r));
-    wait(r, "all_to_all");
+    auto h = handle("all_to_all");
+    PX_MPI_CHECK(MPI_Ialltoall(in.data(), block, MPI_FLOAT, out.data(), block, MPI_FLOAT, comm_, h->request()));
+    return h;
   }
-  void all_to_all_v(std::span<const float> in, const std::vector<int>& send_counts, const std::vector<int>& send_displs,
-                    std::span<float> out, const std::vector<int>& recv_counts, const std::vector<int>& recv_displs) override {
+  CommHandlePtr start_all_to_all_v(std::span<const float> in, const std::vector<int>& send_counts,
+                                   const std::vector<int>& send_displs, std::span<float> out,
+                                   const std::vector<int>& recv_counts, const std::vector<int>& recv_displs) override {
     assert(static_cast<int>(send_counts.size()) == size_ && static_cast<int>(recv_counts.size()) == size_);
-    MPI_Request r;
+    auto h = handle("all_to_all_v");
     PX_MPI_CHECK(MPI_Ialltoallv(in.data(), send_counts.data(), send_displs.data(), MPI_FLOAT, out.data(), recv_counts.data(),
-                                recv_displs.data(), MPI_FLOAT, comm_, &r));
-    wait(r, "all_to_all_v");
+                                recv_displs.data(), MPI_FLOAT, comm_, h->request()));
+    return h;
   }
-  void broadcast(std::span<float> buf, int root) override {
-    MPI_Request r;
-    PX_MPI_CHECK(MPI_Ibcast(buf.data(), as_int(buf.size()), MPI_FLOAT, root, comm_, &r));
-    wait(r, "broadcast");
+  CommHandlePtr start_broadcast(std::span<float> buf, int root) override {
+    auto h = handle("broadcast");
+    PX_MPI_CHECK(MPI_Ibcast(buf.data(), as_int(buf.size()), MPI_FLOAT, root, comm_, h->request()));
+    return h;
   }
-  void send(std::span<const float> buf, int peer) override {
-    MPI_Request r;
-    PX_MPI_CHECK(MPI_Isend(buf.data(), as_int(buf.size()), MPI_FLOAT, peer, kTag, comm_, &r));
-    wait(r, fmt::format("send to member {}", peer), true);
+  CommHandlePtr start_send(std::span<const float> buf, int peer) override {
+    auto h = handle(fmt::format("send to member {}", peer), true);
+    PX_MPI_CHECK(MPI_Isend(buf.data(), as_int(buf.size()), MPI_FLOAT, peer, kTag, comm_, h->request()));
+    return h;
   }
-  void recv(std::span<float> buf, int peer) override {
-    MPI_Request r;
-    PX_MPI_CHECK(MPI_Irecv(buf.data(), as_int(buf.size()), MPI_FLOAT, peer, kTag, comm_, &r));
-    wait(r, fmt::format("recv from member {}", peer), true);
+  CommHandlePtr start_recv(std::span<float> buf, int peer) override {
+    auto h = handle(fmt::format("recv from member {}", peer), true);
+    PX_MPI_CHECK(MPI_Irecv(buf.data(), as_int(buf.size()), MPI_FLOAT, peer, kTag, comm_, h->request()));
+    return h;
   }
-  void send_recv(std::span<const float> out, int to, std::span<float> in, int from) override {
-    MPI_Request r[2];
-    PX_MPI_CHECK(MPI_Irecv(in.data(), as_int(in.size()), MPI_FLOAT, from, kTag, comm_, &r[1]));
-    PX_MPI_CHECK(MPI_Isend(out.data(), as_int(out.size()), MPI_FLOAT, to, kTag, comm_, &r[0]));
-    wait(r[1], fmt::format("recv from member {}", from), true);
-    wait(r[0], fmt::format("send to member {}", to), true);
-  }
-  void barrier() override {
-    MPI_Request r;
-    PX_MPI_CHECK(MPI_Ibarrier(comm_, &r));
-    wait(r, "barrier");
+  CommHandlePtr start_barrier() override {
+    auto h = handle("barrier");
+    PX_MPI_CHECK(MPI_Ibarrier(comm_, h->request()));
+    return h;
   }
 
  private:
   static constexpr int kTag = 7;
-
-  // Polls until done or the deadline; backs off so a waiting rank does not spin a core that a
-  // peer on the same machine needs.
-  void wait(MPI_Request& r, const std::string& what, bool cancellable = false) {
-    const auto deadline = std::chrono::steady_clock::now() + timeout();
-    auto pause = std::chrono::microseconds(1);
-    for (;;) {
-      int done = 0;
-      PX_MPI_CHECK(MPI_Test(&r, &done, MPI_STATUS_IGNORE));
-      if (done) return;
-      if (std::chrono::steady_clock::now() > deadline) {
-        // A point-to-point request can be withdrawn so that it cannot match a later message;
-        // collectives cannot, and the job ends after a collective times out anyway.
-        if (cancellable) {
-          MPI_Cancel(&r);
-          MPI_Request_free(&r);
-        }
-        throw CommTimeout(fmt::format("{} on group {} (member {} of {}) did not complete within {} ms", what, name_, rank_,
-                                      size_, timeout().count()));
-      }
-      std::this_thread::sleep_for(pause);
-      pause = std::min(pause * 2, std::chrono::microseconds(200));
-    }
+  std::unique_ptr<MpiHandle> handle(std::string what, bool cancellable = false) const {
+    return std::make_unique<MpiHandle>(*this, std::move(what), cancellable);
   }
 
   MPI_Comm comm_;

@@ -81,6 +81,26 @@ TEST(MpiCollectives, EveryCollectiveOnTheWorld) {
   for (float x : ring_in) ASSERT_EQ(x, static_cast<float>((me + n - 1) % n));
 }
 
+TEST(MpiCollectives, SeveralInFlightFinishInAnyOrder) {
+  auto c = runtime->world();
+  const int n = c->size(), me = c->rank();
+  std::vector<float> a(64, static_cast<float>(me)), mine(8, static_cast<float>(me)), all(8 * static_cast<std::size_t>(n));
+  std::vector<float> from_prev(16, -1), to_next(16, static_cast<float>(me));
+  // Receive first on even ranks, send first on odd ones: in flight together, no order deadlocks.
+  std::vector<CommHandlePtr> h;
+  if (me % 2 == 0) h.push_back(c->start_recv(from_prev, (me + n - 1) % n));
+  h.push_back(c->start_send(to_next, (me + 1) % n));
+  if (me % 2 == 1) h.push_back(c->start_recv(from_prev, (me + n - 1) % n));
+  auto ar = c->start_all_reduce(a);
+  auto ag = c->start_all_gather(mine, all);
+  ag->wait();
+  ar->wait();
+  for (auto it = h.rbegin(); it != h.rend(); ++it) (*it)->wait();
+  for (float x : a) ASSERT_EQ(x, static_cast<float>(n * (n - 1) / 2));
+  for (int r = 0; r < n; ++r) ASSERT_EQ(all[static_cast<std::size_t>(r) * 8], static_cast<float>(r));
+  for (float x : from_prev) ASSERT_EQ(x, static_cast<float>((me + n - 1) % n));
+}
+
 TEST(MpiCollectives, GroupsFollowThePlanTopology) {
   const int n = runtime->world_size();
   ASSERT_EQ(n % 8, 0) << "run with a multiple of 8 ranks";
