@@ -274,12 +274,18 @@ class StageCompiler {
 
   std::uint32_t comm(OpKind kind, GroupKind g, std::string_view nm, i64 bytes, Stream stream,
                      std::initializer_list<std::uint32_t> reads, std::initializer_list<std::uint32_t> writes,
-                     std::int8_t peer = 0) {
+                     std::int8_t peer = 0, std::optional<DType> dtype = {}) {
     Op op = make(kind, nm, stream);
     op.group = g;
     op.peer = peer;
     op.comm_bytes = bytes;
+    if (dtype) op.dtype = *dtype;
     return emit(op, reads, writes);
+  }
+  // Gradient traffic: `count` elements in the main-gradient dtype (fp32 under Megatron's bf16).
+  std::uint32_t grad_comm(OpKind kind, GroupKind g, std::string_view nm, i64 count, Stream stream,
+                          std::initializer_list<std::uint32_t> reads, std::initializer_list<std::uint32_t> writes) {
+    return comm(kind, g, nm, D_.gb * count, stream, reads, writes, 0, P_.grad_dtype);
   }
 
   // TP "g" after a row-parallel GEMM: all-reduce in place, or reduce-scatter to sequence shards.
@@ -436,12 +442,12 @@ class StageCompiler {
       if (P_.zero_stage >= 2) {
         auto& slot = expert ? grad_bucket_expert_[l] : grad_bucket_[l];
         if (!slot) return;
-        comm(OpKind::ReduceScatter, gk, "grad.reduce_scatter", D_.gb * count, Stream::DataComm, {*slot, persistent}, {persistent});
+        grad_comm(OpKind::ReduceScatter, gk, "grad.reduce_scatter", count, Stream::DataComm, {*slot, persistent}, {persistent});
         slot.reset();
       } else if (last_pass) {
-        comm(P_.zero_stage == 1 ? OpKind::ReduceScatter : OpKind::AllReduce, gk,
-             P_.zero_stage == 1 ? "grad.reduce_scatter" : "grad.all_reduce", D_.gb * count, Stream::DataComm, {persistent},
-             {persistent});
+        grad_comm(P_.zero_stage == 1 ? OpKind::ReduceScatter : OpKind::AllReduce, gk,
+                  P_.zero_stage == 1 ? "grad.reduce_scatter" : "grad.all_reduce", count, Stream::DataComm, {persistent},
+                  {persistent});
       }
     };
     reduce(false);
@@ -782,7 +788,7 @@ class StageCompiler {
   }
   void reduce_zero_grad(std::uint32_t bucket, std::uint32_t persistent, i64 params) {
     if (bucket == persistent) return;
-    comm(OpKind::ReduceScatter, GroupKind::DP, "grad.reduce_scatter", D_.gb * params, Stream::DataComm, {bucket, persistent},
+    grad_comm(OpKind::ReduceScatter, GroupKind::DP, "grad.reduce_scatter", params, Stream::DataComm, {bucket, persistent},
          {persistent});
   }
 
@@ -813,7 +819,8 @@ class StageCompiler {
     L.stats = tensor("cross_entropy.stats", 12 * D_.T, TensorClass::Activation);
     elementwise(OpKind::CrossEntropy, "cross_entropy", D_.T, D_.V_l, 5.0, {logits}, {L.softmax, L.stats});
     if (D_.tp > 1)  // max, sum of exponentials and target logit across the vocabulary shards
-      comm(OpKind::AllReduce, GroupKind::TP, "cross_entropy.all_reduce", 12 * D_.T, Stream::TensorComm, {L.stats}, {L.stats});
+      comm(OpKind::AllReduce, GroupKind::TP, "cross_entropy.all_reduce", 12 * D_.T, Stream::TensorComm, {L.stats}, {L.stats}, 0,
+           DType::F32);
     return L;
   }
 
@@ -942,24 +949,24 @@ class StageCompiler {
     // Tied word embeddings live on both pipeline ends; their gradients are summed across them.
     if (M_.tied_embeddings && p_ > 1 && (first || last)) {
       const auto g = first ? grad_emb_ : grad_out_;
-      comm(OpKind::AllReduce, GroupKind::Embedding, "embedding.grad_all_reduce", D_.gb * (first ? emb_params_ : out_params_),
+      grad_comm(OpKind::AllReduce, GroupKind::Embedding, "embedding.grad_all_reduce", (first ? emb_params_ : out_params_),
            Stream::DataComm, {g}, {g});
     }
     // Replicated parameters (norms, row-parallel biases, router) see different sequence shards
     // on each TP rank under SP, so their gradients are summed across TP first.
-    if (D_.sp) comm(OpKind::AllReduce, GroupKind::TP, "replicated.grad_all_reduce", D_.gb * repl_params_, Stream::TensorComm, {grad_repl_}, {grad_repl_});
+    if (D_.sp) grad_comm(OpKind::AllReduce, GroupKind::TP, "replicated.grad_all_reduce", repl_params_, Stream::TensorComm, {grad_repl_}, {grad_repl_});
     if (dp_group_ > 1) {
       auto reduce = [&](std::uint32_t g, i64 params) {
         if (params == 0) return;
         if (P_.zero_stage == 0)
-          comm(OpKind::AllReduce, GroupKind::DP, "grad.all_reduce", D_.gb * params, Stream::DataComm, {g}, {g});
+          grad_comm(OpKind::AllReduce, GroupKind::DP, "grad.all_reduce", params, Stream::DataComm, {g}, {g});
         else if (P_.zero_stage == 1)
-          comm(OpKind::ReduceScatter, GroupKind::DP, "grad.reduce_scatter", D_.gb * params, Stream::DataComm, {g}, {g});
+          grad_comm(OpKind::ReduceScatter, GroupKind::DP, "grad.reduce_scatter", params, Stream::DataComm, {g}, {g});
       };
       if (first) reduce(grad_emb_, emb_params_);
       if (last && out_params_ > 0) reduce(grad_out_, out_params_);
       if (P_.zero_stage >= 2)
-        comm(OpKind::ReduceScatter, GroupKind::DP, "grad.reduce_scatter", D_.gb * repl_params_, Stream::DataComm, {grad_repl_}, {grad_repl_});
+        grad_comm(OpKind::ReduceScatter, GroupKind::DP, "grad.reduce_scatter", repl_params_, Stream::DataComm, {grad_repl_}, {grad_repl_});
       else
         reduce(grad_repl_, repl_params_);
     }
@@ -976,10 +983,10 @@ class StageCompiler {
       const auto idx = emit(op, {}, {norm});
       for (auto g : all_grads) add_read(idx, g);
     }
-    if (D_.tp > 1) comm(OpKind::AllReduce, GroupKind::TP, "grad_norm.all_reduce", 4, Stream::TensorComm, {norm}, {norm});
-    if (p_ > 1) comm(OpKind::AllReduce, GroupKind::PP, "grad_norm.all_reduce", 4, Stream::DataComm, {norm}, {norm});
+    if (D_.tp > 1) comm(OpKind::AllReduce, GroupKind::TP, "grad_norm.all_reduce", 4, Stream::TensorComm, {norm}, {norm}, 0, DType::F32);
+    if (p_ > 1) comm(OpKind::AllReduce, GroupKind::PP, "grad_norm.all_reduce", 4, Stream::DataComm, {norm}, {norm}, 0, DType::F32);
     if (P_.zero_stage >= 1 && dp_group_ > 1)
-      comm(OpKind::AllReduce, GroupKind::DP, "grad_norm.all_reduce", 4, Stream::DataComm, {norm}, {norm});
+      comm(OpKind::AllReduce, GroupKind::DP, "grad_norm.all_reduce", 4, Stream::DataComm, {norm}, {norm}, 0, DType::F32);
     std::vector<std::uint32_t> weights;
     for (auto& t : prog_.tensors)
       if (t.cls == TensorClass::Weight) weights.push_back(static_cast<std::uint32_t>(&t - prog_.tensors.data()));

@@ -158,8 +158,11 @@ TEST(CommVolume, DataParallelReducesEveryGradientOnce) {
                             std::int64_t{plan.padded_vocab} * plan.model.hidden_size;
   std::int64_t reduced = 0;
   for (const Op& op : plan.roles[0].ops)
-    if (op.group == GroupKind::DP && op.kind == OpKind::AllReduce) reduced += op.comm_bytes;
-  EXPECT_EQ(reduced, 4 * held);  // fp32 main gradients
+    if (op.group == GroupKind::DP && op.kind == OpKind::AllReduce) {
+      reduced += op.comm_bytes;
+      EXPECT_EQ(op.dtype, DType::F32) << plan.roles[0].name_of(op);  // Megatron's fp32 main gradients
+    }
+  EXPECT_EQ(reduced, 4 * held);
   // Ring all-reduce moves 2 (n-1)/n of the buffer per rank (nccl-tests PERFORMANCE.md).
   EXPECT_DOUBLE_EQ(2.0 * 3 / 4 * static_cast<double>(reduced), 1.5 * 4 * static_cast<double>(held));
 }
