@@ -375,7 +375,9 @@ class StageCompiler {
       grad_out_ = tensor("output.grad", D_.gb * shard(out_params_, dp_group_, 2), TensorClass::Gradient);
     else if (last)
       grad_out_ = grad_emb_;
-    grad_repl_ = tensor("replicated.grad", D_.gb * shard(repl_params_, dp_group_, 2), TensorClass::Gradient);
+    // Replicated parameters (norms, row-parallel biases, position table, router) accumulate full
+    // gradients over all micro-batches, whatever the ZeRO stage; they are reduced once at the end.
+    grad_repl_ = tensor("replicated.grad", D_.gb * repl_params_, TensorClass::Gradient);
     dense_params_ = dense_total;
     expert_params_ = expert_total;
     if (!P_.optimizer_offload) {
@@ -949,8 +951,9 @@ class StageCompiler {
     // Tied word embeddings live on both pipeline ends; their gradients are summed across them.
     if (M_.tied_embeddings && p_ > 1 && (first || last)) {
       const auto g = first ? grad_emb_ : grad_out_;
-      grad_comm(OpKind::AllReduce, GroupKind::Embedding, "embedding.grad_all_reduce", (first ? emb_params_ : out_params_),
-           Stream::DataComm, {g}, {g});
+      // Under ZeRO-2/3 both ends hold matching shards of it, so the shard is what is summed.
+      comm(OpKind::AllReduce, GroupKind::Embedding, "embedding.grad_all_reduce", prog_.tensors[g].bytes, Stream::DataComm, {g},
+           {g}, 0, P_.grad_dtype);
     }
     // Replicated parameters (norms, row-parallel biases, router) see different sequence shards
     // on each TP rank under SP, so their gradients are summed across TP first.
@@ -1025,8 +1028,9 @@ class StageCompiler {
         const i64 rest = emb_params_ + pos_params_ + out_params_ + final_norm_params_;
         if (rest > 0) {
           const auto idx = comm(OpKind::AllGather, GroupKind::DP, "weights.all_gather", D_.e * rest, Stream::DataComm, {}, {});
-          for (const auto& t : {word_emb_, pos_emb_, final_norm_, out_w_})
-            if (t && !(t == out_w_ && out_w_ == word_emb_)) add_write(idx, *t);
+          for (const auto& t : {word_emb_, pos_emb_, final_norm_})
+            if (t) add_write(idx, *t);
+          if (out_w_ && out_w_ != word_emb_) add_write(idx, *out_w_);  // tied on one stage: the same tensor
         }
       }
       if (edp_group_ > 1)

@@ -116,6 +116,34 @@ TEST_P(Strategy, EveryTensorIsProducedBeforeItIsRead) {
   }
 }
 
+// The buffer conventions the engine relies on: an all-reduce works in place on exactly its
+// buffer; an all-gather writes its whole output; a reduce-scatter reads its whole input; a message
+// fills the receiving buffer.
+TEST_P(Strategy, CommBuffersMatchTheirTensors) {
+  const CompiledPlan plan = compile(GetParam().model, GetParam().set);
+  for (const Program& prog : plan.roles)
+    for (const Op& op : prog.ops) {
+      if (!is_comm(op.kind)) continue;
+      std::int64_t read = 0, written = 0, largest_read = 0;
+      for (const TensorUse& u : prog.uses_of(op)) {
+        const std::int64_t b = prog.tensors[u.tensor].bytes;
+        (u.write ? written : read) += b;
+        if (!u.write) largest_read = std::max(largest_read, b);
+      }
+      const std::string what = std::string(prog.name_of(op)) + " on stage " + std::to_string(prog.pp_stage);
+      switch (op.kind) {
+        case OpKind::AllReduce: EXPECT_EQ(written, op.comm_bytes) << what; break;
+        case OpKind::AllGather: EXPECT_EQ(written, op.comm_bytes) << what; break;
+        case OpKind::ReduceScatter: EXPECT_EQ(largest_read, op.comm_bytes) << what; break;
+        case OpKind::Recv:
+        case OpKind::AllToAll:
+        case OpKind::RingExchange: EXPECT_EQ(written, op.comm_bytes) << what; break;
+        case OpKind::Send: EXPECT_EQ(read, op.comm_bytes) << what; break;
+        default: break;
+      }
+    }
+}
+
 INSTANTIATE_TEST_SUITE_P(AllStrategies, Strategy, ::testing::ValuesIn(strategy_cases()),
                          [](const auto& param_info) { return std::string(param_info.param.name); });
 
