@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <cassert>
+#include <functional>
 #include <fmt/format.h>
 #include <map>
 #include <queue>
@@ -19,7 +20,7 @@ struct RoleIndex {
                                    // send/recv: index among the role's ops on the same stream
 };
 
-RoleIndex index_role(const Program& prog) {
+RoleIndex index_role(const Program& prog, bool in_order_issue) {
   RoleIndex ix;
   const std::size_t n = prog.ops.size();
   ix.successors.resize(n);
@@ -39,6 +40,12 @@ RoleIndex index_role(const Program& prog) {
     prev = i;
     for (auto d : prog.deps_of(op)) {
       ix.successors[d].push_back(i);
+      ++ix.preds[i];
+    }
+    // In-order issue: op i waits for op i-1 to be issued (a comm op) or to finish (anything else);
+    // comm ops release their successor when posted, in the run loop, not through this list.
+    if (in_order_issue && i > 0) {
+      if (!is_comm(prog.ops[i - 1].kind)) ix.successors[i - 1].push_back(i);
       ++ix.preds[i];
     }
     if (is_collective(op.kind)) ix.seq[i] = coll_count[static_cast<std::size_t>(op.group)]++;
@@ -61,7 +68,7 @@ DryRunResult dry_run(const CompiledPlan& plan, const DryRunOptions& options) {
   const int world = topo.world_size();
   const int p = plan.plan.pp();
   std::vector<RoleIndex> roles;
-  for (const auto& prog : plan.roles) roles.push_back(index_role(prog));
+  for (const auto& prog : plan.roles) roles.push_back(index_role(prog, options.in_order_issue));
 
   struct RankState {
     std::vector<std::uint32_t> pending;
@@ -93,11 +100,19 @@ DryRunResult dry_run(const CompiledPlan& plan, const DryRunOptions& options) {
     events.emplace(end, rank, op);
   };
 
-  auto start = [&](int rank, std::uint32_t op_idx) {
+  std::function<void(int, std::uint32_t)> start;
+  // A predecessor of `succ` is done (or, for in-order issue, was posted) at time t.
+  auto release = [&](int rank, std::uint32_t succ, double t) {
+    auto& st = ranks[static_cast<std::size_t>(rank)];
+    st.ready[succ] = std::max(st.ready[succ], t);
+    if (--st.pending[succ] == 0) start(rank, succ);
+  };
+  start = [&](int rank, std::uint32_t op_idx) {
     const Program& prog = plan.program_of(rank);
     const RoleIndex& ix = roles[static_cast<std::size_t>(plan.ranks[static_cast<std::size_t>(rank)].role)];
     const Op& op = prog.ops[op_idx];
     const double ready = ranks[static_cast<std::size_t>(rank)].ready[op_idx];
+    if (options.in_order_issue && is_comm(op.kind) && op_idx + 1 < prog.ops.size()) release(rank, op_idx + 1, ready);
     if (is_collective(op.kind)) {
       const int gk = static_cast<int>(op.group);
       const int instance = plan.ranks[static_cast<std::size_t>(rank)].group[static_cast<std::size_t>(gk)];
@@ -172,10 +187,7 @@ DryRunResult dry_run(const CompiledPlan& plan, const DryRunOptions& options) {
     st.done[op] = 1;
     result.makespan = std::max(result.makespan, t);
     const RoleIndex& ix = roles[static_cast<std::size_t>(plan.ranks[static_cast<std::size_t>(r)].role)];
-    for (auto s : ix.successors[op]) {
-      st.ready[s] = std::max(st.ready[s], t);
-      if (--st.pending[s] == 0) start(r, s);
-    }
+    for (auto s : ix.successors[op]) release(r, s, t);
   }
 
   result.compute_busy.assign(static_cast<std::size_t>(world), 0.0);

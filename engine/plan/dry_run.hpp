@@ -32,6 +32,10 @@ struct DryRunResult {
 struct DryRunOptions {
   OpCostFn cost;               // null: every op costs nothing
   bool record_timings = false;
+  // Issue each rank's ops strictly in program order from one host thread, as the CPU engine does:
+  // a compute op runs to completion before the next op is issued; a comm op is posted and the next
+  // op issued at once. Proves that order itself cannot deadlock, on top of the stream semantics.
+  bool in_order_issue = false;
 };
 
 DryRunResult dry_run(const CompiledPlan& plan, const DryRunOptions& options = {});

@@ -95,6 +95,14 @@ TEST_P(Strategy, DryRunCompletesWithMatchedCommunication) {
   EXPECT_TRUE(r.ok) << r.error;
 }
 
+TEST_P(Strategy, InOrderIssueFromOneThreadCannotDeadlock) {
+  const CompiledPlan plan = compile(GetParam().model, GetParam().set);
+  DryRunOptions options;
+  options.in_order_issue = true;
+  const DryRunResult r = dry_run(plan, options);
+  EXPECT_TRUE(r.ok) << r.error;
+}
+
 TEST_P(Strategy, SummedFlopsEqualTheClosedForm) {
   const CompiledPlan plan = compile(GetParam().model, GetParam().set);
   double sum = 0;
