@@ -73,7 +73,7 @@ DryRunResult dry_run(const CompiledPlan& plan, const DryRunOptions& options) {
   struct RankState {
     std::vector<std::uint32_t> pending;
     std::vector<double> ready;
-    std::vector<std::uint8_t> done;
+    std::vector<std::uint8_t> done, started;
     std::vector<OpTiming> times;
   };
   std::vector<RankState> ranks(static_cast<std::size_t>(world));
@@ -112,6 +112,8 @@ DryRunResult dry_run(const CompiledPlan& plan, const DryRunOptions& options) {
     const RoleIndex& ix = roles[static_cast<std::size_t>(plan.ranks[static_cast<std::size_t>(rank)].role)];
     const Op& op = prog.ops[op_idx];
     const double ready = ranks[static_cast<std::size_t>(rank)].ready[op_idx];
+    assert(!ranks[static_cast<std::size_t>(rank)].started[op_idx]);
+    ranks[static_cast<std::size_t>(rank)].started[op_idx] = 1;
     if (options.in_order_issue && is_comm(op.kind) && op_idx + 1 < prog.ops.size()) release(rank, op_idx + 1, ready);
     if (is_collective(op.kind)) {
       const int gk = static_cast<int>(op.group);
@@ -174,11 +176,13 @@ DryRunResult dry_run(const CompiledPlan& plan, const DryRunOptions& options) {
     st.pending = ix.preds;
     st.ready.assign(ix.preds.size(), 0.0);
     st.done.assign(ix.preds.size(), 0);
+    st.started.assign(ix.preds.size(), 0);
     st.times.assign(ix.preds.size(), {});
   }
   for (int r = 0; r < world; ++r)
     for (std::uint32_t i = 0; i < ranks[static_cast<std::size_t>(r)].pending.size(); ++i)
-      if (ranks[static_cast<std::size_t>(r)].pending[i] == 0) start(r, i);
+      // An op may already have been started by an in-order release during this loop.
+      if (ranks[static_cast<std::size_t>(r)].pending[i] == 0 && !ranks[static_cast<std::size_t>(r)].started[i]) start(r, i);
 
   while (!events.empty()) {
     const auto [t, r, op] = events.top();
@@ -196,13 +200,24 @@ DryRunResult dry_run(const CompiledPlan& plan, const DryRunOptions& options) {
   for (int r = 0; r < world; ++r) {
     const auto& st = ranks[static_cast<std::size_t>(r)];
     const Program& prog = plan.program_of(r);
+    // A stuck rank is described by the first op it waits in (started, never matched) and the
+    // first op it could not start.
+    std::int64_t waits_in = -1, blocked_at = -1;
     for (std::uint32_t i = 0; i < st.done.size(); ++i) {
-      if (!st.done[i]) {
-        if (stuck < 3) stuck_list += (stuck ? "; " : "") + describe(r, i);
-        ++stuck;
-        break;  // the first unfinished op of each rank says enough
+      if (st.done[i]) {
+        if (prog.ops[i].stream == Stream::Compute) result.compute_busy[static_cast<std::size_t>(r)] += st.times[i].end - st.times[i].start;
+        continue;
       }
-      if (prog.ops[i].stream == Stream::Compute) result.compute_busy[static_cast<std::size_t>(r)] += st.times[i].end - st.times[i].start;
+      if (st.started[i] && waits_in < 0) waits_in = i;
+      if (!st.started[i] && blocked_at < 0) blocked_at = i;
+    }
+    if (waits_in >= 0 || blocked_at >= 0) {
+      if (stuck < 3) {
+        stuck_list += stuck ? "; " : "";
+        if (waits_in >= 0) stuck_list += "waits in " + describe(r, static_cast<std::uint32_t>(waits_in));
+        if (blocked_at >= 0) stuck_list += std::string(waits_in >= 0 ? ", " : "") + "cannot start " + describe(r, static_cast<std::uint32_t>(blocked_at));
+      }
+      ++stuck;
     }
   }
   if (error.empty() && stuck > 0) error = fmt::format("deadlock: {} ranks cannot finish; first stuck: {}", stuck, stuck_list);
