@@ -49,8 +49,10 @@ class Communicator {
                                            const std::vector<int>& send_displs, std::span<float> out,
                                            const std::vector<int>& recv_counts, const std::vector<int>& recv_displs) = 0;
   virtual CommHandlePtr start_broadcast(std::span<float> buf, int root) = 0;
-  virtual CommHandlePtr start_send(std::span<const float> buf, int peer) = 0;
-  virtual CommHandlePtr start_recv(std::span<float> buf, int peer) = 0;
+  // Messages match by (peer, tag) in posting order; distinct tags keep independent streams of
+  // messages between the same two members apart (pipeline activations vs. gradients).
+  virtual CommHandlePtr start_send(std::span<const float> buf, int peer, int tag = 0) = 0;
+  virtual CommHandlePtr start_recv(std::span<float> buf, int peer, int tag = 0) = 0;
   virtual CommHandlePtr start_barrier() = 0;
 
   void all_reduce(std::span<float> buf) { start_all_reduce(buf)->wait(); }

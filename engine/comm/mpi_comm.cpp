@@ -129,14 +129,14 @@ class MpiCommunicator final : public Communicator {
     PX_MPI_CHECK(MPI_Ibcast(buf.data(), as_int(buf.size()), MPI_FLOAT, root, comm_, h->request()));
     return h;
   }
-  CommHandlePtr start_send(std::span<const float> buf, int peer) override {
+  CommHandlePtr start_send(std::span<const float> buf, int peer, int tag) override {
     auto h = handle(fmt::format("send to member {}", peer), true);
-    PX_MPI_CHECK(MPI_Isend(buf.data(), as_int(buf.size()), MPI_FLOAT, peer, kTag, comm_, h->request()));
+    PX_MPI_CHECK(MPI_Isend(buf.data(), as_int(buf.size()), MPI_FLOAT, peer, tag, comm_, h->request()));
     return h;
   }
-  CommHandlePtr start_recv(std::span<float> buf, int peer) override {
+  CommHandlePtr start_recv(std::span<float> buf, int peer, int tag) override {
     auto h = handle(fmt::format("recv from member {}", peer), true);
-    PX_MPI_CHECK(MPI_Irecv(buf.data(), as_int(buf.size()), MPI_FLOAT, peer, kTag, comm_, h->request()));
+    PX_MPI_CHECK(MPI_Irecv(buf.data(), as_int(buf.size()), MPI_FLOAT, peer, tag, comm_, h->request()));
     return h;
   }
   CommHandlePtr start_barrier() override {
@@ -146,7 +146,6 @@ class MpiCommunicator final : public Communicator {
   }
 
  private:
-  static constexpr int kTag = 7;
   std::unique_ptr<MpiHandle> handle(std::string what, bool cancellable = false) const {
     return std::make_unique<MpiHandle>(*this, std::move(what), cancellable);
   }

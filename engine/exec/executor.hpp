@@ -1,0 +1,78 @@
+// The executor: runs one rank's op program for real. One host thread issues ops in program order
+// (the dry run's in-order mode proves that order deadlock-free for every strategy): compute and
+// memory ops run to completion on the backend; comm ops are posted nonblocking on the rank's
+// process-group communicators and waited for only where a later op depends on them or is about to
+// overwrite bytes they still use. Every op's real start and end is recorded.
+#pragma once
+
+#include <array>
+#include <cstdint>
+#include <vector>
+
+#include "engine/comm/communicator.hpp"
+#include "engine/exec/tensor_arena.hpp"
+#include "engine/plan/compiler.hpp"
+#include "engine/plan/dry_run.hpp"
+
+namespace px {
+
+// The kernels of one backend (CPU reference, CUDA), dispatched per op.
+class ComputeBackend {
+ public:
+  virtual ~ComputeBackend() = default;
+  // Runs compute or memory op `index` of `program` on the arena's tensors.
+  virtual void run(const Program& program, std::uint32_t index, TensorArena& arena) = 0;
+};
+
+// Runs no arithmetic: for exercising the schedule, the memory layout and the real collectives.
+class NullBackend final : public ComputeBackend {
+ public:
+  void run(const Program&, std::uint32_t, TensorArena&) override {}
+};
+
+using GroupComms = std::array<Communicator*, kNumGroupKinds>;  // null where the rank has no group
+
+class Executor {
+ public:
+  // `plan` must be an fp32 plan (precision and gradients): the CPU engine's arithmetic.
+  Executor(const CompiledPlan& plan, int rank, ComputeBackend& backend, const GroupComms& groups);
+
+  // One iteration; timings in seconds since the executor was made.
+  std::vector<OpTiming> run_iteration();
+
+  TensorArena& arena() { return arena_; }
+  const MemoryPlan& memory() const { return memory_; }
+
+ private:
+  struct InFlight {
+    std::uint32_t op;
+    std::vector<CommHandlePtr> handles;
+    std::vector<std::pair<std::int64_t, std::int64_t>> ranges;  // arena bytes it reads or writes
+    std::vector<std::vector<float>> staging;  // packed buffers it owns; the last one is its output
+    struct Unpack {
+      std::uint32_t tensor;
+      std::size_t from;  // offset in the output staging buffer
+      std::size_t to;    // offset in the tensor
+    };
+    std::vector<Unpack> unpack;  // copies out of the output staging when it ends
+  };
+
+  void post(std::uint32_t index);
+  void finish(InFlight& f);
+  void wait_for(std::uint32_t op);
+  void wait_overlapping(std::uint32_t index);
+  double now() const;
+
+  const CompiledPlan& plan_;
+  const Program& program_;
+  int rank_;
+  ComputeBackend& backend_;
+  GroupComms groups_;
+  MemoryPlan memory_;
+  TensorArena arena_;
+  std::vector<InFlight> in_flight_;
+  std::vector<OpTiming> timings_;
+  double epoch_;
+};
+
+}  // namespace px

@@ -1,0 +1,33 @@
+// One aligned block per rank; tensor views by the planner's offsets.
+#include "engine/exec/tensor_arena.hpp"
+
+#include <cassert>
+#include <cstdlib>
+#include <cstring>
+#include <new>
+
+namespace px {
+
+void TensorArena::Free::operator()(std::byte* p) const { std::free(p); }
+
+TensorArena::TensorArena(const Program& program, const MemoryPlan& plan) : program_(program), plan_(plan) {
+  constexpr std::size_t kAlign = 256;
+  const auto size = static_cast<std::size_t>((plan.arena_bytes + kAlign - 1) / kAlign * kAlign);
+  auto* p = static_cast<std::byte*>(std::aligned_alloc(kAlign, std::max<std::size_t>(size, kAlign)));
+  if (!p) throw std::bad_alloc();
+  std::memset(p, 0, size);  // deterministic contents: gradients start at zero, padding is zero
+  base_.reset(p);
+}
+
+std::span<std::byte> TensorArena::bytes(std::uint32_t tensor) {
+  assert(tensor < program_.tensors.size());
+  return {base_.get() + plan_.offsets[tensor], static_cast<std::size_t>(program_.tensors[tensor].bytes)};
+}
+
+std::span<float> TensorArena::floats(std::uint32_t tensor) {
+  const auto b = bytes(tensor);
+  assert(b.size() % sizeof(float) == 0);
+  return {reinterpret_cast<float*>(b.data()), b.size() / sizeof(float)};
+}
+
+}  // namespace px
