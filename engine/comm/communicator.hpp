@@ -6,6 +6,7 @@
 
 #include <chrono>
 #include <cstddef>
+#include <functional>
 #include <memory>
 #include <span>
 #include <stdexcept>
@@ -77,9 +78,15 @@ class Communicator {
 
   void set_timeout(std::chrono::milliseconds t) { timeout_ = t; }
   std::chrono::milliseconds timeout() const { return timeout_; }
+  // Called over and over while a wait blocks (the executor keeps its heartbeat fresh with it).
+  void set_on_wait(std::function<void()> f) { on_wait_ = std::move(f); }
+  void on_wait() const {
+    if (on_wait_) on_wait_();
+  }
 
  private:
   std::chrono::milliseconds timeout_{60000};
+  std::function<void()> on_wait_;
 };
 
 }  // namespace px

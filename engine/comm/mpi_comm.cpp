@@ -61,6 +61,7 @@ class MpiHandle final : public CommHandle {
     const auto deadline = std::chrono::steady_clock::now() + comm_.timeout();
     auto pause = std::chrono::microseconds(1);
     while (!test()) {
+      comm_.on_wait();
       if (std::chrono::steady_clock::now() > deadline)
         throw CommTimeout(fmt::format("{} on group {} (member {} of {}) did not complete within {} ms", what_, comm_.name(),
                                       comm_.rank(), comm_.size(), comm_.timeout().count()));

@@ -49,10 +49,40 @@ Executor::Executor(const CompiledPlan& plan, int rank, ComputeBackend& backend, 
 
 double Executor::now() const { return seconds_now() - epoch_; }
 
+void Executor::enable_heartbeat(const std::filesystem::path& dir) {
+  heartbeat_dir_ = dir;
+  heartbeat_.emplace(dir, rank_);
+  for (Communicator* c : groups_)
+    if (c) c->set_on_wait([this] { heartbeat_->beat(iteration_, current_op_); });
+}
+
 std::vector<OpTiming> Executor::run_iteration() {
+  try {
+    auto t = run_ops();
+    ++iteration_;
+    return t;
+  } catch (const CommTimeout& e) {
+    const Op& op = program_.ops[current_op_];
+    std::string what = fmt::format("rank {}: iteration {}, op {} '{}' waited too long: {}", rank_, iteration_, current_op_,
+                                   program_.name_of(op), e.what());
+    RankFailure failure(what);
+    if (heartbeat_) {
+      if (auto d = diagnose_failure(heartbeat_dir_, plan_.topology.world_size(), rank_)) {
+        failure = RankFailure(what + "; " + d->reason);
+        failure.failed_rank = d->rank;
+      }
+    }
+    throw failure;
+  }
+}
+
+std::vector<OpTiming> Executor::run_ops() {
   timings_.assign(program_.ops.size(), {});
+  if (heartbeat_) heartbeat_->beat(iteration_, 0, true);  // every iteration's start is on record
   for (std::uint32_t i = 0; i < program_.ops.size(); ++i) {
     const Op& op = program_.ops[i];
+    current_op_ = i;
+    if (heartbeat_) heartbeat_->beat(iteration_, i);
     for (auto d : program_.deps_of(op)) wait_for(d);
     wait_overlapping(i);
     if (is_comm(op.kind)) {

@@ -7,9 +7,11 @@
 
 #include <array>
 #include <cstdint>
+#include <optional>
 #include <vector>
 
 #include "engine/comm/communicator.hpp"
+#include "engine/exec/heartbeat.hpp"
 #include "engine/exec/tensor_arena.hpp"
 #include "engine/plan/compiler.hpp"
 #include "engine/plan/dry_run.hpp"
@@ -32,13 +34,24 @@ class NullBackend final : public ComputeBackend {
 
 using GroupComms = std::array<Communicator*, kNumGroupKinds>;  // null where the rank has no group
 
+// A collective or message timed out; says which op waited and which rank stopped first.
+class RankFailure : public CommTimeout {
+ public:
+  using CommTimeout::CommTimeout;
+  int failed_rank = -1;  // -1: no heartbeat directory to tell
+};
+
 class Executor {
  public:
   // `plan` must be an fp32 plan (precision and gradients): the CPU engine's arithmetic.
   Executor(const CompiledPlan& plan, int rank, ComputeBackend& backend, const GroupComms& groups);
 
-  // One iteration; timings in seconds since the executor was made.
+  // One iteration; timings in seconds since the executor was made. A comm timeout becomes a
+  // RankFailure naming the op and, with heartbeats on, the rank that stopped first.
   std::vector<OpTiming> run_iteration();
+
+  // Keeps a heartbeat file in `dir` (shared by all ranks of the run) while running.
+  void enable_heartbeat(const std::filesystem::path& dir);
 
   TensorArena& arena() { return arena_; }
   const MemoryPlan& memory() const { return memory_; }
@@ -57,6 +70,7 @@ class Executor {
     std::vector<Unpack> unpack;  // copies out of the output staging when it ends
   };
 
+  std::vector<OpTiming> run_ops();
   void post(std::uint32_t index);
   void finish(InFlight& f);
   void wait_for(std::uint32_t op);
@@ -73,6 +87,10 @@ class Executor {
   std::vector<InFlight> in_flight_;
   std::vector<OpTiming> timings_;
   double epoch_;
+  std::filesystem::path heartbeat_dir_;
+  std::optional<Heartbeat> heartbeat_;
+  int iteration_ = 0;
+  std::uint32_t current_op_ = 0;
 };
 
 }  // namespace px
