@@ -118,9 +118,12 @@ double layer_activation_bytes(const ModelSpec& m, const PlanSpec& plan, const Ac
   }
   const MoESpec& moe = *m.moe;
   const double local_tokens = s.tokens / s.tp;
-  // Guard against capacity_factor·tokens landing a hair above an integer in binary.
-  const double routed_exact = moe.capacity_factor * local_tokens * moe.top_k;
-  const double routed = std::ceil(routed_exact - 1e-9 * std::max(1.0, routed_exact));
+  // Switch/GShard capacity: each expert takes at most ceil(cf · tokens routed in the EP group ·
+  // top_k / E) tokens, and a rank serves E/ep experts. The guard keeps capacity_factor·tokens that
+  // lands a hair above an integer in binary from rounding up.
+  const double per_expert_exact = moe.capacity_factor * local_tokens * moe.top_k * plan.ep() / moe.num_experts;
+  const double per_expert = std::ceil(per_expert_exact - 1e-9 * std::max(1.0, per_expert_exact));
+  const double routed = per_expert * (moe.num_experts / plan.ep());
   const double fe = moe.ffn_hidden_size;
   bytes += s.e * local_tokens * h;                 // router input
   bytes += 4.0 * local_tokens * moe.num_experts;   // router probabilities, fp32

@@ -114,7 +114,7 @@ RankParams rank_parameters(const ModelSpec& model, const PlanSpec& plan, int pp_
 //   output e·(a/t)·T·s); output-projection input e·T·a·d/t; hidden_dropout > 0 → two masks 1·T·h (/t);
 //   fc1 input e·T·h (/t); activation input e·T·f·(2 swiglu | 1 gelu)/t; fc2 input e·T·f/t.
 //   MoE layer: attention part and first dropout mask as above, then with T' = T/t and
-//   R = ceil(capacity_factor·T'·top_k): router input e·T'·h, router probabilities 4·T'·E, expert fc1
+//   R = (E/ep)·ceil(capacity_factor·T'·top_k·ep/E) (per-expert capacity, Switch/GShard): router input e·T'·h, router probabilities 4·T'·E, expert fc1
 //   input e·R·h, activation input e·R·f_e·(2|1), fc2 input e·R·f_e.
 //   Selective recompute drops the attention-core terms. Full recompute keeps per layer only its input
 //   e·T·h (/t), plus once per stage the largest layer's full activations (the layer being recomputed).

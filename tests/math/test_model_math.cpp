@@ -364,8 +364,8 @@ TEST(Activations, MoELayerByHand) {
   // SwiGLU input 8,192; fc2 input 4,096 → 25,088.
   EXPECT_DOUBLE_EQ(training_memory(m, p, 1).activations, 29'184.0 + 25'088.0);
   // Each routed token keeps 2·64 + 2·32·2 + 2·32 = 320 bytes.
-  m.moe->capacity_factor = 1.1;  // R = ceil(70.4) = 71
-  EXPECT_DOUBLE_EQ(training_memory(m, p, 1).activations, 29'184.0 + 4'096 + 512 + 71 * 320.0);
+  m.moe->capacity_factor = 1.1;  // per expert ceil(1.1·32·2/4) = ceil(17.6) = 18; 4 experts: R = 72
+  EXPECT_DOUBLE_EQ(training_memory(m, p, 1).activations, 29'184.0 + 4'096 + 512 + 72 * 320.0);
   m.moe->capacity_factor = 1.25;  // R = 80 exactly
   EXPECT_DOUBLE_EQ(training_memory(m, p, 1).activations, 29'184.0 + 4'096 + 512 + 80 * 320.0);
 }

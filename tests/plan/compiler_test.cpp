@@ -274,6 +274,24 @@ TEST(CommVolume, ExpertParallelAllToAllFourTimesPerMoeLayer) {
   EXPECT_EQ(comm_bytes(plan.roles[0], OpKind::AllToAll, GroupKind::EP, true), 4 * m.num_layers * 2 * routed * m.hidden_size);
 }
 
+TEST(CommVolume, ExpertCapacityRoundsPerExpertAsTheMemoryModelDoes) {
+  ModelSpec m = test::model("tiny-moe");
+  m.moe->capacity_factor = 1.1;
+  const PlanSpec p = test::plan_for(m, [](PlanSpec& s) {
+    s.data_parallel_size = 2;
+    s.expert_model_parallel_size = 2;
+    batch(s, 1, 2);
+  });
+  const CompiledPlan plan = compile_plan(m, p);
+  // Switch/GShard capacity: ceil(1.1 · 64 tokens · top-2 · ep 2 / 4 experts) = 71 per expert, and
+  // this rank serves 2 experts: 142 routed tokens.
+  const std::int64_t routed = 2 * 71;
+  for (const Op& op : plan.roles[0].ops)
+    if (op.kind == OpKind::AllToAll) {
+      EXPECT_EQ(op.comm_bytes, 2 * routed * m.hidden_size);
+    }
+}
+
 TEST(CommVolume, ContextParallelRingPassesKeysAndValues) {
   const CompiledPlan plan = compile("tiny-llama", [](PlanSpec& p) {
     p.context_parallel_size = 4;
