@@ -297,10 +297,27 @@ void ResultsDb::fail_run(std::int64_t run_id, const std::string& reason, const s
   tx.commit();
 }
 
+// The columns every run query starts with, and their reader (for RunSummary and RunRecord alike).
+#define PX_RUN_COLUMNS "r.id, e.name, r.kind, r.status, r.failure_reason, r.model, r.cluster, r.started_at, r.finished_at"
+
+namespace {
+template <class Run>
+void read_run_columns(sqlite::Statement& stmt, Run& r) {
+  r.id = stmt.column_int(0);
+  r.experiment = stmt.column_text(1);
+  r.kind = kind_from_db(stmt.column_text(2));
+  r.status = status_from_db(stmt.column_text(3));
+  r.failure_reason = stmt.column_text(4);
+  r.model = stmt.column_text(5);
+  r.cluster = stmt.column_text(6);
+  r.started_at = stmt.column_text(7);
+  r.finished_at = stmt.column_text(8);
+}
+}  // namespace
+
 std::vector<RunSummary> ResultsDb::list_runs(const RunFilter& filter) {
   sqlite::Statement stmt = db_.prepare(
-      "SELECT r.id, e.name, r.kind, r.status, r.failure_reason, r.model, r.cluster, r.started_at, "
-      "r.finished_at FROM runs r JOIN experiments e ON e.id = r.experiment_id "
+      "SELECT " PX_RUN_COLUMNS " FROM runs r JOIN experiments e ON e.id = r.experiment_id "
       "WHERE (?1 IS NULL OR e.name = ?1) AND (?2 IS NULL OR r.kind = ?2) AND (?3 IS NULL OR r.status = ?3) "
       "AND (?4 IS NULL OR r.model = ?4) AND (?5 IS NULL OR r.cluster = ?5) ORDER BY r.id LIMIT ?6",
       "list runs");
@@ -312,43 +329,25 @@ std::vector<RunSummary> ResultsDb::list_runs(const RunFilter& filter) {
   stmt.bind_int(6, filter.limit);
   std::vector<RunSummary> runs;
   while (stmt.step()) {
-    RunSummary& r = runs.emplace_back();
-    r.id = stmt.column_int(0);
-    r.experiment = stmt.column_text(1);
-    r.kind = kind_from_db(stmt.column_text(2));
-    r.status = status_from_db(stmt.column_text(3));
-    r.failure_reason = stmt.column_text(4);
-    r.model = stmt.column_text(5);
-    r.cluster = stmt.column_text(6);
-    r.started_at = stmt.column_text(7);
-    r.finished_at = stmt.column_text(8);
+    read_run_columns(stmt, runs.emplace_back());
   }
   return runs;
 }
 
 std::optional<RunRecord> ResultsDb::get_run(std::int64_t run_id) {
   sqlite::Statement stmt = db_.prepare(
-      "SELECT r.id, e.name, r.kind, r.status, r.failure_reason, r.model, r.cluster, r.plan_json, r.model_json, "
-      "r.cluster_json, r.software_json, r.hardware_json, r.started_at, r.finished_at "
+      "SELECT " PX_RUN_COLUMNS ", r.plan_json, r.model_json, r.cluster_json, r.software_json, r.hardware_json "
       "FROM runs r JOIN experiments e ON e.id = r.experiment_id WHERE r.id = ?1",
       "read a run");
   stmt.bind_int(1, run_id);
   if (!stmt.step()) return std::nullopt;
   RunRecord r;
-  r.id = stmt.column_int(0);
-  r.experiment = stmt.column_text(1);
-  r.kind = kind_from_db(stmt.column_text(2));
-  r.status = status_from_db(stmt.column_text(3));
-  r.failure_reason = stmt.column_text(4);
-  r.model = stmt.column_text(5);
-  r.cluster = stmt.column_text(6);
-  r.plan_json = stmt.column_text(7);
-  r.model_json = stmt.column_text(8);
-  r.cluster_json = stmt.column_text(9);
-  r.software_json = stmt.column_text(10);
-  r.hardware_json = stmt.column_text(11);
-  r.started_at = stmt.column_text(12);
-  r.finished_at = stmt.column_text(13);
+  read_run_columns(stmt, r);
+  r.plan_json = stmt.column_text(9);
+  r.model_json = stmt.column_text(10);
+  r.cluster_json = stmt.column_text(11);
+  r.software_json = stmt.column_text(12);
+  r.hardware_json = stmt.column_text(13);
   r.metrics = metrics(run_id);
   r.op_samples = op_samples(run_id);
   return r;
