@@ -1,0 +1,48 @@
+// Counter-based dropout masks and the fused dropout-add.
+#include "engine/backends/cpu/dropout.hpp"
+
+#include <cassert>
+
+namespace px::cpu {
+
+std::uint64_t mix_key(std::uint64_t a, std::uint64_t b) {
+  std::uint64_t z = a ^ (b + 0x9e3779b97f4a7c15ULL + (a << 6) + (a >> 2));
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+  return z ^ (z >> 31);
+}
+
+bool dropped(std::uint64_t seed, std::uint64_t row_key, std::int64_t col, double p) {
+  const std::uint64_t bits = mix_key(mix_key(seed, row_key), static_cast<std::uint64_t>(col));
+  return static_cast<double>(bits >> 11) * 0x1.0p-53 < p;  // 53 uniform bits in [0, 1)
+}
+
+template <class T>
+void dropout_add_forward(std::span<const T> x, std::span<const T> residual, std::span<T> out, std::span<std::uint8_t> mask,
+                         std::span<const std::uint64_t> row_keys, std::int64_t cols, double p, std::uint64_t seed) {
+  assert(p >= 0 && p < 1 && mask.size() >= x.size() && out.size() >= x.size());
+  assert(static_cast<std::int64_t>(row_keys.size()) * cols >= static_cast<std::int64_t>(x.size()));
+  const double scale = 1.0 / (1.0 - p);
+  for (std::size_t i = 0; i < x.size(); ++i) {
+    const auto r = static_cast<std::int64_t>(i) / cols, c = static_cast<std::int64_t>(i) % cols;
+    const bool keep = !dropped(seed, row_keys[static_cast<std::size_t>(r)], c, p);
+    mask[i] = keep ? 1 : 0;
+    out[i] = static_cast<T>((residual.empty() ? 0.0 : static_cast<double>(residual[i])) + (keep ? x[i] * scale : 0.0));
+  }
+}
+
+template <class T>
+void dropout_backward(std::span<const T> dy, std::span<const std::uint8_t> mask, std::span<T> dx, double p) {
+  const double scale = 1.0 / (1.0 - p);
+  for (std::size_t i = 0; i < dy.size(); ++i) dx[i] = mask[i] ? static_cast<T>(dy[i] * scale) : T(0);
+}
+
+#define PX_INSTANTIATE(T)                                                                                                   \
+  template void dropout_add_forward<T>(std::span<const T>, std::span<const T>, std::span<T>, std::span<std::uint8_t>,      \
+                                       std::span<const std::uint64_t>, std::int64_t, double, std::uint64_t);                \
+  template void dropout_backward<T>(std::span<const T>, std::span<const std::uint8_t>, std::span<T>, double);
+PX_INSTANTIATE(float)
+PX_INSTANTIATE(double)
+#undef PX_INSTANTIATE
+
+}  // namespace px::cpu
