@@ -1,8 +1,10 @@
-// The plan compiler. For each pipeline stage it walks the stage's schedule and emits, per pass,
-// the ops of every layer in its chunk: forward, backward (split into B and W for zero-bubble),
-// recompute, the TP/SP/CP/EP collectives around them, pipeline sends and receives, ZeRO gathers
-// and gradient reductions, and the optimizer tail. Cross-stream dependencies come from data flow:
-// an op waits for the last writer of every tensor it touches when that writer is on another stream.
+// The plan compiler. For each pipeline stage it lays out the stage's parameters in flat buffers,
+// then walks the stage's schedule and emits, per pass, the ops of every layer in its chunk:
+// forward, backward (split into B and W for zero-bubble), recompute, the TP/SP/CP/EP collectives
+// around them, pipeline sends and receives, ZeRO gathers and gradient reductions, and the
+// optimizer tail. Every operand is an exact view (tensor, byte offset, bytes), so the program says
+// precisely what each op reads and writes. Cross-stream dependencies come from data flow: an op
+// waits for the last writer of every tensor it touches when that writer is on another stream.
 #include "engine/plan/compiler.hpp"
 
 #include <algorithm>
@@ -15,6 +17,7 @@
 #include <unordered_map>
 
 #include "engine/spec/model_math.hpp"
+#include "engine/spec/parameters.hpp"
 
 namespace px {
 namespace {
@@ -29,7 +32,7 @@ struct Dims {
   int tp, cp, ep;
   bool sp, flash, swiglu, rope, bias, qkv_bias, layernorm, hidden_dropout, attn_dropout;
   // MoE
-  i64 E = 0, E_l = 0, fe = 0, top_k = 0, capacity = 0, R = 0;
+  i64 E = 0, E_l = 0, fe = 0, top_k = 0, slots = 0, capacity = 0, R = 0;
   i64 gated() const { return swiglu ? 2 : 1; }
 };
 
@@ -66,64 +69,34 @@ Dims make_dims(const ModelSpec& M, const PlanSpec& P, int padded_vocab) {
     D.E_l = D.E / D.ep;
     D.fe = M.moe->ffn_hidden_size;
     D.top_k = M.moe->top_k;
-    // Per-expert capacity for the tokens the whole EP group routes, so that E_l * capacity is the
-    // number of routed tokens this rank receives (cf * T * k under uniform routing).
-    D.capacity = static_cast<i64>(std::ceil(M.moe->capacity_factor * static_cast<double>(D.Tres * D.top_k * D.ep) /
-                                            static_cast<double>(D.E)));
-    D.R = D.E_l * D.capacity;
+    D.slots = moe_slots_per_expert(M, P);
+    D.capacity = D.slots * D.ep;  // what one expert receives from the whole EP group
+    D.R = D.E_l * D.capacity;     // == E * slots: the dispatch buffer of one rank
   }
   return D;
 }
 
-// Parameter counts of one layer as held by one rank (tensor-parallel shards), split the way
-// gradients are reduced: tp-sharded dense params, replicated params, expert params.
-struct LayerParams {
-  i64 norm = 0;       // per norm
-  i64 qkv_w = 0, qkv_b = 0, proj_w = 0, proj_b = 0;
-  i64 fc1_w = 0, fc1_b = 0, fc2_w = 0, fc2_b = 0;  // dense MLP
-  i64 router = 0, expert = 0;                        // MoE: router (replicated), all local experts
-  i64 sharded() const { return qkv_w + qkv_b + proj_w + fc1_w + fc1_b + fc2_w; }
-  i64 replicated() const { return 2 * norm + proj_b + fc2_b + router; }
+// A part of a tensor, in elements of the tensor's dtype.
+struct Part {
+  i64 offset = 0;
+  i64 count = 0;
 };
 
-LayerParams layer_params(const Dims& D, bool moe) {
-  LayerParams p;
-  p.norm = D.layernorm ? 2 * D.h : D.h;
-  p.qkv_w = D.h * D.qkv_cols;
-  p.qkv_b = D.qkv_bias ? D.qkv_cols : 0;
-  p.proj_w = D.a_l * D.d * D.h;
-  p.proj_b = D.bias ? D.h : 0;
-  if (moe) {
-    p.router = D.h * D.E;
-    const i64 per_expert = D.h * D.fe * D.gated() + D.fe * D.h + (D.bias ? D.fe * D.gated() + D.h : 0);
-    p.expert = D.E_l * per_expert;
-  } else {
-    p.fc1_w = D.h * D.f_l * D.gated();
-    p.fc1_b = D.bias ? D.f_l * D.gated() : 0;
-    p.fc2_w = D.f_l * D.h;
-    p.fc2_b = D.bias ? D.h : 0;
-  }
-  return p;
-}
-
-// Tensors a layer's forward leaves for its backward.
-struct LayerActs {
-  std::uint32_t x_in = 0, ln1_out = 0, qkv = 0, stats = 0, attn_out = 0, mask1 = 0, x_mid = 0;
-  std::uint32_t ln2_out = 0, fc1_out = 0, act_out = 0, mask2 = 0, x_out = 0;
-  std::uint32_t probs = 0, expert_in = 0;  // MoE
-  bool has_mask = false;
-};
-
-// Weight tensors of a layer on this rank.
+// Where one layer's weights sit in its flat buffer(s).
 struct LayerWeights {
-  std::uint32_t norm1 = 0, qkv = 0, proj = 0, norm2 = 0, fc1 = 0, fc2 = 0, router = 0, experts = 0;
-  std::uint32_t grad = 0;         // persistent (shard of the) tp-sharded dense gradients
-  std::uint32_t grad_expert = 0;  // persistent (shard of the) expert gradients
-  LayerParams params;
+  int buffer = -1, expert_buffer = -1;  // into Program::buffers
+  Part norm1_w, norm1_b, qkv_w, qkv_b, proj_w, proj_b, norm2_w, norm2_b, fc1_w, fc1_b, fc2_w, fc2_b, router_w;
+  Part ex_fc1_w, ex_fc1_b, ex_fc2_w, ex_fc2_b;  // stacked over the rank's experts
   bool moe = false;
-  std::vector<std::uint32_t> dense_weights() const {
-    return moe ? std::vector<std::uint32_t>{norm1, qkv, proj, norm2, router} : std::vector<std::uint32_t>{norm1, qkv, proj, norm2, fc1, fc2};
-  }
+};
+
+// A view operand: a tensor, or `count` elements of it from element `offset`.
+struct V {
+  std::uint32_t tensor;
+  i64 offset = 0;   // elements
+  i64 count = -1;   // -1: the whole tensor
+  V(std::uint32_t t) : tensor(t) {}  // NOLINT: a tensor id is the whole-tensor view
+  V(std::uint32_t t, Part p) : tensor(t), offset(p.offset), count(p.count) {}
 };
 
 class StageCompiler {
@@ -141,7 +114,7 @@ class StageCompiler {
   }
 
   Program compile() {
-    make_persistent_tensors();
+    make_buffers();
     std::vector<int> finished(static_cast<std::size_t>(v_), 0);  // gradient passes done per chunk
     for (const PipelinePass& pass : passes_) {
       mb_ = pass.micro_batch;
@@ -173,7 +146,8 @@ class StageCompiler {
     return id;
   }
 
-  std::uint32_t tensor(std::string_view nm, i64 bytes, TensorClass cls) {
+  // `elem`: bytes per element, for views in elements.
+  std::uint32_t tensor(std::string_view nm, i64 bytes, TensorClass cls, i64 elem = 4) {
     assert(bytes >= 0);
     Tensor t;
     t.bytes = bytes;
@@ -181,8 +155,14 @@ class StageCompiler {
     t.cls = cls;
     prog_.tensors.push_back(t);
     last_writer_.push_back(-1);
+    elem_bytes_.push_back(elem);
     return static_cast<std::uint32_t>(prog_.tensors.size() - 1);
   }
+  // Activations and weights in the training precision; gradients in the main-gradient dtype.
+  std::uint32_t act(std::string_view nm, i64 elems, TensorClass cls) { return tensor(nm, D_.e * elems, cls, D_.e); }
+  std::uint32_t fp32(std::string_view nm, i64 elems, TensorClass cls) { return tensor(nm, 4 * elems, cls, 4); }
+  std::uint32_t grad(std::string_view nm, i64 elems, TensorClass cls) { return tensor(nm, D_.gb * elems, cls, D_.gb); }
+  std::uint32_t mask(std::string_view nm, i64 elems, TensorClass cls) { return tensor(nm, elems, cls, 1); }
 
   Op make(OpKind kind, std::string_view nm, Stream stream = Stream::Compute) {
     Op op;
@@ -197,44 +177,54 @@ class StageCompiler {
     return op;
   }
 
-  std::uint32_t emit(Op op, std::initializer_list<std::uint32_t> reads, std::initializer_list<std::uint32_t> writes,
+  TensorUse use_of(const V& v, bool write) const {
+    const i64 eb = elem_bytes_[v.tensor];
+    const i64 whole = prog_.tensors[v.tensor].bytes;
+    TensorUse u{v.tensor, write, eb * v.offset, v.count < 0 ? whole - eb * v.offset : eb * v.count};
+    assert(u.offset >= 0 && u.offset + u.bytes <= whole);
+    return u;
+  }
+
+  std::uint32_t emit(Op op, const std::vector<V>& reads, const std::vector<V>& writes,
                      std::initializer_list<std::uint32_t> extra_deps = {}) {
     const auto idx = static_cast<std::uint32_t>(prog_.ops.size());
-    op.deps_begin = static_cast<std::uint32_t>(prog_.deps.size());
-    op.uses_begin = static_cast<std::uint32_t>(prog_.uses.size());
-    auto depend = [&](std::int32_t on) {
-      if (on < 0 || prog_.ops[static_cast<std::size_t>(on)].stream == op.stream) return;
-      const auto u = static_cast<std::uint32_t>(on);
-      for (std::uint32_t i = op.deps_begin; i < prog_.deps.size(); ++i)
-        if (prog_.deps[i] == u) return;
-      prog_.deps.push_back(u);
-    };
-    for (auto d : extra_deps) depend(static_cast<std::int32_t>(d));
-    for (auto t : reads) {
-      if (std::count_if(prog_.uses.begin() + op.uses_begin, prog_.uses.end(), [t](const TensorUse& u) { return u.tensor == t; }))
-        continue;  // the same tensor passed twice (e.g. the local key/value block of a one-step ring)
-      depend(last_writer_[t]);
-      prog_.uses.push_back({t, false});
-      prog_.tensors[t].last_op = std::max(prog_.tensors[t].last_op, idx);
-    }
-    for (auto t : writes) {
-      depend(last_writer_[t]);
-      prog_.uses.push_back({t, true});
-      Tensor& tt = prog_.tensors[t];
-      if (last_writer_[t] < 0 && !is_persistent(tt.cls)) tt.first_op = idx;
-      tt.last_op = std::max(tt.last_op, idx);
-      last_writer_[t] = static_cast<std::int32_t>(idx);
-    }
-    op.deps_end = static_cast<std::uint32_t>(prog_.deps.size());
-    op.uses_end = static_cast<std::uint32_t>(prog_.uses.size());
+    op.deps_begin = op.deps_end = static_cast<std::uint32_t>(prog_.deps.size());
+    op.uses_begin = op.uses_end = static_cast<std::uint32_t>(prog_.uses.size());
     prog_.ops.push_back(op);
+    for (auto d : extra_deps) depend(idx, static_cast<std::int32_t>(d));
+    for (const V& v : reads) add_use(idx, v, false);
+    for (const V& v : writes) add_use(idx, v, true);
     return idx;
   }
 
+  void depend(std::uint32_t idx, std::int32_t on) {
+    Op& op = prog_.ops[idx];
+    if (on < 0 || prog_.ops[static_cast<std::size_t>(on)].stream == op.stream) return;
+    const auto u = static_cast<std::uint32_t>(on);
+    for (std::uint32_t i = op.deps_begin; i < op.deps_end; ++i)
+      if (prog_.deps[i] == u) return;
+    assert(op.deps_end == prog_.deps.size() && "dependencies are added to the op just emitted");
+    prog_.deps.push_back(u);
+    ++op.deps_end;
+  }
+
+  // Appends an operand to the op just emitted.
+  void add_use(std::uint32_t idx, const V& v, bool write) {
+    assert(idx + 1 == prog_.ops.size() && prog_.ops[idx].uses_end == prog_.uses.size());
+    depend(idx, last_writer_[v.tensor]);
+    prog_.uses.push_back(use_of(v, write));
+    ++prog_.ops[idx].uses_end;
+    Tensor& t = prog_.tensors[v.tensor];
+    if (write && last_writer_[v.tensor] < 0 && !is_persistent(t.cls)) t.first_op = idx;
+    t.last_op = std::max(t.last_op, idx);
+    if (write) last_writer_[v.tensor] = static_cast<std::int32_t>(idx);
+  }
+
   // ---- op helpers ----
-  std::uint32_t gemm(std::string_view nm, i64 m, i64 n, i64 k, i64 batch, std::initializer_list<std::uint32_t> reads,
-                     std::initializer_list<std::uint32_t> writes) {
+  std::uint32_t gemm(std::string_view nm, Variant variant, i64 m, i64 n, i64 k, i64 batch, const std::vector<V>& reads,
+                     const std::vector<V>& writes) {
     Op op = make(OpKind::Gemm, nm);
+    op.variant = variant;
     op.m = m;
     op.n = n;
     op.k = k;
@@ -245,47 +235,48 @@ class StageCompiler {
     return emit(op, reads, writes);
   }
 
-  // A forward GEMM y[m x n] = x[m x k] w[k x n] (batched over `batch` experts).
-  void gemm_fwd(std::string_view nm, i64 m, i64 n, i64 k, i64 batch, std::uint32_t x, std::uint32_t w, std::uint32_t y) {
-    gemm(nm, m, n, k, batch, {x, w}, {y});
+  // Forward y[m x n] = x[m x k] w[k x n] (+ bias), batched over `batch` experts when grouped.
+  void gemm_fwd(std::string_view nm, i64 m, i64 n, i64 k, i64 batch, V x, V w, std::optional<V> b, std::uint32_t y,
+                bool grouped = false) {
+    std::vector<V> reads = {x, w};
+    if (b) reads.push_back(*b);
+    gemm(nm, grouped ? Variant::GemmGroupedForward : Variant::GemmForward, m, n, k, batch, reads, {y});
   }
   // Its input gradient dx[m x k] = dy[m x n] w^T.
-  void gemm_dgrad(std::string_view nm, i64 m, i64 n, i64 k, i64 batch, std::uint32_t dy, std::uint32_t w, std::uint32_t dx) {
-    gemm(nm, m, k, n, batch, {dy, w}, {dx});
+  void gemm_dgrad(std::string_view nm, i64 m, i64 n, i64 k, i64 batch, V dy, V w, std::uint32_t dx, bool grouped = false) {
+    gemm(nm, grouped ? Variant::GemmGroupedInputGrad : Variant::GemmInputGrad, m, k, n, batch, {dy, w}, {dx});
   }
-  // Its weight gradient dw[k x n] += x^T dy, accumulated into grad.
-  void gemm_wgrad(std::string_view nm, i64 m, i64 n, i64 k, i64 batch, std::uint32_t x, std::uint32_t dy, std::uint32_t grad) {
-    gemm(nm, k, n, m, batch, {x, dy, grad}, {grad});
+  // Its weight gradient dw[k x n] += x^T dy (and dbias += column sums of dy).
+  void gemm_wgrad(std::string_view nm, i64 m, i64 n, i64 k, i64 batch, V x, V dy, V dw, std::optional<V> db,
+                  bool grouped = false) {
+    std::vector<V> writes = {dw};
+    if (db) writes.push_back(*db);
+    gemm(nm, grouped ? Variant::GemmGroupedWeightGrad : Variant::GemmWeightGrad, k, n, m, batch, {x, dy}, writes);
   }
 
   std::uint32_t elementwise(OpKind kind, std::string_view nm, i64 rows, i64 cols, double flops_per_elem,
-                            std::initializer_list<std::uint32_t> reads, std::initializer_list<std::uint32_t> writes) {
+                            const std::vector<V>& reads, const std::vector<V>& writes, Variant variant = Variant::Plain) {
     Op op = make(kind, nm);
+    op.variant = variant;
     op.m = rows;
     op.n = cols;
     op.vector_flops = flops_per_elem * static_cast<double>(rows * cols);
-    i64 rb = 0, wb = 0;
-    for (auto t : reads) rb += prog_.tensors[t].bytes;
-    for (auto t : writes) wb += prog_.tensors[t].bytes;
-    op.bytes_read = rb;
-    op.bytes_written = wb;
-    return emit(op, reads, writes);
+    const auto idx = emit(op, reads, writes);
+    Op& o = prog_.ops[idx];
+    for (const TensorUse& u : prog_.uses_of(o)) (u.write ? o.bytes_written : o.bytes_read) += u.bytes;
+    return idx;
   }
 
-  std::uint32_t comm(OpKind kind, GroupKind g, std::string_view nm, i64 bytes, Stream stream,
-                     std::initializer_list<std::uint32_t> reads, std::initializer_list<std::uint32_t> writes,
-                     std::int8_t peer = 0, std::optional<DType> dtype = {}) {
+  std::uint32_t comm(OpKind kind, GroupKind g, std::string_view nm, i64 bytes, Stream stream, const std::vector<V>& reads,
+                     const std::vector<V>& writes, std::int8_t peer = 0, std::optional<DType> dtype = {},
+                     Variant variant = Variant::Plain) {
     Op op = make(kind, nm, stream);
     op.group = g;
     op.peer = peer;
     op.comm_bytes = bytes;
+    op.variant = variant;
     if (dtype) op.dtype = *dtype;
     return emit(op, reads, writes);
-  }
-  // Gradient traffic: `count` elements in the main-gradient dtype (fp32 under Megatron's bf16).
-  std::uint32_t grad_comm(OpKind kind, GroupKind g, std::string_view nm, i64 count, Stream stream,
-                          std::initializer_list<std::uint32_t> reads, std::initializer_list<std::uint32_t> writes) {
-    return comm(kind, g, nm, D_.gb * count, stream, reads, writes, 0, P_.grad_dtype);
   }
 
   // TP "g" after a row-parallel GEMM: all-reduce in place, or reduce-scatter to sequence shards.
@@ -295,124 +286,173 @@ class StageCompiler {
       comm(OpKind::AllReduce, GroupKind::TP, nm, D_.e * D_.T * D_.h, Stream::TensorComm, {full}, {full});
       return full;
     }
-    const auto out = tensor(nm, D_.e * D_.Tres * D_.h, TensorClass::Temporary);
+    const auto out = act(nm, D_.Tres * D_.h, TensorClass::Temporary);
     comm(OpKind::ReduceScatter, GroupKind::TP, nm, D_.e * D_.T * D_.h, Stream::TensorComm, {full}, {out});
     return out;
   }
   // SP gather of sequence shards before a column-parallel GEMM (identity without SP).
   std::uint32_t sp_gather(std::string_view nm, std::uint32_t shard) {
     if (!D_.sp) return shard;
-    const auto out = tensor(nm, D_.e * D_.T * D_.h, TensorClass::Temporary);
+    const auto out = act(nm, D_.T * D_.h, TensorClass::Temporary);
     comm(OpKind::AllGather, GroupKind::TP, nm, D_.e * D_.T * D_.h, Stream::TensorComm, {shard}, {out});
     return out;
   }
 
-  // ---- persistent tensors ----
-  i64 shard(i64 count, int group, int min_stage) const {
-    return P_.zero_stage >= min_stage && group > 1 ? ceil_div(count, group) : count;
+  // ---- parameter buffers ----
+  int group_size(GroupKind g) const { return g == GroupKind::ExpertDP ? edp_group_ : dp_group_; }
+
+  // Lays out the given logical parameters (by index into params_) as one flat buffer and makes
+  // its weight and gradient tensors; returns the buffer and each slot's part.
+  int add_buffer(std::string nm, int layer, GroupKind shard_group, const std::vector<std::uint32_t>& which,
+                 std::vector<Part>* parts, bool experts = false) {
+    ParamBuffer buf;
+    buf.name = std::move(nm);
+    buf.layer = layer;
+    buf.shard_group = shard_group;
+    i64 offset = 0;
+    for (auto i : which) {
+      const i64 count = experts ? params_[i].count() : shard_count(params_[i], dims_, D_.tp);
+      buf.slots.push_back({i, offset, count});
+      if (parts) parts->push_back({offset, count});
+      offset += count;
+    }
+    const int g = group_size(shard_group);
+    buf.count = offset;
+    buf.padded = ceil_div(offset, g) * g;
+    buf.weight_sharded = P_.zero_stage >= 3 && g > 1;
+    buf.grad_sharded = P_.zero_stage >= 2 && g > 1;
+    buf.optimizer_sharded = P_.zero_stage >= 1 && g > 1;
+    buf.weight = act(buf.name + ".weight", buf.weight_sharded ? buf.padded / g : buf.padded, TensorClass::Weight);
+    buf.grad = grad(buf.name + ".grad", buf.grad_sharded ? buf.padded / g : buf.padded, TensorClass::Gradient);
+    buf.optimizer_offset = optimizer_elements_;
+    optimizer_elements_ += optimizer_per_param() * (buf.optimizer_sharded ? buf.padded / g : buf.padded);
+    prog_.buffers.push_back(std::move(buf));
+    return static_cast<int>(prog_.buffers.size() - 1);
   }
-  std::uint32_t weight(std::string_view nm, i64 count, int group = 0) {
-    const int g = group ? group : dp_group_;
-    return tensor(nm, D_.e * shard(count, g, 3), TensorClass::Weight);
+  // fp32 master copy (when training in lower precision), Adam m and v: floats per parameter.
+  i64 optimizer_per_param() const { return P_.precision == DType::F32 ? 2 : 3; }
+
+  std::vector<std::uint32_t> params_named(const std::string& prefix, const std::vector<std::string>& suffixes) const {
+    std::vector<std::uint32_t> out;
+    for (const auto& sfx : suffixes) {
+      auto it = param_index_.find(prefix + sfx);
+      if (it != param_index_.end()) out.push_back(it->second);
+    }
+    return out;
   }
 
-  void make_persistent_tensors() {
-    i64 dense_total = 0, expert_total = 0;
+  void make_buffers() {
+    params_ = model_parameters(M_, vocab_);
+    dims_ = param_dims(M_, vocab_);
+    for (std::uint32_t i = 0; i < params_.size(); ++i) param_index_.emplace(params_[i].name, i);
+    const bool first = stage_ == 0, last = stage_ == p_ - 1;
+    std::vector<Part> parts;
+    if (first) {
+      word_buf_ = add_buffer("word_embedding", kNone, GroupKind::DP, params_named("", {"word_embedding.weight"}), nullptr);
+      if (M_.position == PositionKind::Learned)
+        pos_buf_ = add_buffer("position_embedding", kNone, GroupKind::DP, params_named("", {"position_embedding.weight"}), nullptr);
+    }
     for (int c = 0; c < v_; ++c) {
       const LayerRange r = chunk_layers(M_, P_, stage_, c);
       for (int l = r.first; l < r.first + r.count; ++l) {
         LayerWeights w;
         w.moe = is_moe_layer(M_, l);
-        w.params = layer_params(D_, w.moe);
-        const LayerParams& p = w.params;
-        w.norm1 = weight("norm1.weight", p.norm);
-        w.qkv = weight("qkv.weight", p.qkv_w + p.qkv_b);
-        w.proj = weight("proj.weight", p.proj_w + p.proj_b);
-        w.norm2 = weight("norm2.weight", p.norm);
-        if (w.moe) {
-          w.router = weight("router.weight", p.router);
-          w.experts = weight("experts.weight", p.expert, edp_group_);
-          w.grad_expert = tensor("experts.grad", D_.gb * shard(p.expert, edp_group_, 2), TensorClass::Gradient);
-          expert_total += p.expert;
-        } else {
-          w.fc1 = weight("fc1.weight", p.fc1_w + p.fc1_b);
-          w.fc2 = weight("fc2.weight", p.fc2_w + p.fc2_b);
+        const std::string pre = "layers." + std::to_string(l) + ".";
+        // Every name the layer may have, in buffer order; absent ones (biases, LayerNorm's beta
+        // under RMSNorm) take no space and leave an empty part.
+        const std::vector<std::string> names = {"norm1.weight", "norm1.bias", "qkv.weight", "qkv.bias", "proj.weight",
+                                                "proj.bias",    "norm2.weight", "norm2.bias", "fc1.weight", "fc1.bias",
+                                                "fc2.weight",   "fc2.bias",   "router.weight"};
+        std::vector<std::uint32_t> present;
+        std::vector<int> slot_of(names.size(), -1);
+        for (std::size_t n = 0; n < names.size(); ++n) {
+          auto it = param_index_.find(pre + names[n]);
+          if (it == param_index_.end()) continue;
+          slot_of[n] = static_cast<int>(present.size());
+          present.push_back(it->second);
         }
-        w.grad = tensor("layer.grad", D_.gb * shard(p.sharded(), dp_group_, 2), TensorClass::Gradient);
-        repl_params_ += p.replicated();
-        dense_total += p.sharded() + p.replicated();
+        parts.clear();
+        w.buffer = add_buffer("layers." + std::to_string(l), l, GroupKind::DP, present, &parts);
+        Part* fields[] = {&w.norm1_w, &w.norm1_b, &w.qkv_w, &w.qkv_b, &w.proj_w, &w.proj_b, &w.norm2_w,
+                          &w.norm2_b, &w.fc1_w,   &w.fc1_b, &w.fc2_w, &w.fc2_b,  &w.router_w};
+        for (std::size_t n = 0; n < names.size(); ++n)
+          if (slot_of[n] >= 0) *fields[n] = parts[static_cast<std::size_t>(slot_of[n])];
+        if (w.moe) {
+          // Stacked per weight kind over the rank's experts (grouped-GEMM operands); the slots name
+          // experts 0..E/ep-1, which a rank maps to its own experts (see ParamSlot).
+          std::vector<std::uint32_t> ex;
+          for (const char* kind : {"fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"})
+            for (i64 j = 0; j < D_.E_l; ++j) {
+              auto it = param_index_.find(pre + "experts." + std::to_string(j) + "." + kind);
+              if (it != param_index_.end()) ex.push_back(it->second);
+            }
+          parts.clear();
+          w.expert_buffer = add_buffer("layers." + std::to_string(l) + ".experts", l, GroupKind::ExpertDP, ex, &parts, true);
+          const i64 per = D_.E_l;
+          std::size_t at = 0;
+          auto stacked = [&](bool present_kind) {
+            if (!present_kind) return Part{};
+            Part p{parts[at].offset, parts[at].count * per};
+            at += static_cast<std::size_t>(per);
+            return p;
+          };
+          w.ex_fc1_w = stacked(true);
+          w.ex_fc1_b = stacked(D_.bias);
+          w.ex_fc2_w = stacked(true);
+          w.ex_fc2_b = stacked(D_.bias);
+        }
         layers_.emplace(l, w);
       }
     }
-    const bool first = stage_ == 0, last = stage_ == p_ - 1;
-    const i64 word = static_cast<i64>(vocab_) * D_.h / D_.tp;
-    if (first) {
-      word_emb_ = weight("word_embedding.weight", word);
-      emb_params_ = word;
-      if (M_.position == PositionKind::Learned) {
-        pos_params_ = static_cast<i64>(M_.max_position_embeddings) * D_.h;
-        pos_emb_ = weight("position_embedding.weight", pos_params_);
-        repl_params_ += static_cast<i64>(M_.max_position_embeddings) * D_.h;
-        dense_total += static_cast<i64>(M_.max_position_embeddings) * D_.h;
-      }
-      dense_total += word;
-    }
     if (last) {
-      final_norm_params_ = D_.layernorm ? 2 * D_.h : D_.h;
-      final_norm_ = weight("final_norm.weight", final_norm_params_);
-      repl_params_ += D_.layernorm ? 2 * D_.h : D_.h;
-      dense_total += D_.layernorm ? 2 * D_.h : D_.h;
-      if (M_.tied_embeddings && first) {
-        out_w_ = word_emb_;  // one tensor serves both ends
-      } else {
-        out_w_ = weight(M_.tied_embeddings ? "word_embedding_copy.weight" : "output.weight", word);
-        out_params_ = word;
-        dense_total += word;
-      }
+      parts.clear();
+      final_buf_ = add_buffer("final_norm", kNone, GroupKind::DP, params_named("final_norm.", {"weight", "bias"}), &parts);
+      final_w_ = parts[0];
+      if (parts.size() > 1) final_b_ = parts[1];
+      if (!M_.tied_embeddings)
+        out_buf_ = add_buffer("output", kNone, GroupKind::DP, params_named("", {"output.weight"}), nullptr);
+      else if (!first)  // tied across pipeline ends: the last stage keeps a copy, kept equal by summed gradients
+        out_buf_ = add_buffer("word_embedding_copy", kNone, GroupKind::DP, params_named("", {"word_embedding.weight"}), nullptr);
+      else
+        out_buf_ = word_buf_;  // one buffer serves both ends
     }
-    if (first) grad_emb_ = tensor("embedding.grad", D_.gb * shard(emb_params_, dp_group_, 2), TensorClass::Gradient);
-    if (last && out_params_ > 0)
-      grad_out_ = tensor("output.grad", D_.gb * shard(out_params_, dp_group_, 2), TensorClass::Gradient);
-    else if (last)
-      grad_out_ = grad_emb_;
-    // Replicated parameters (norms, row-parallel biases, position table, router) accumulate full
-    // gradients over all micro-batches, whatever the ZeRO stage; they are reduced once at the end.
-    grad_repl_ = tensor("replicated.grad", D_.gb * repl_params_, TensorClass::Gradient);
-    dense_params_ = dense_total;
-    expert_params_ = expert_total;
-    if (!P_.optimizer_offload) {
-      const i64 per_param = P_.precision == DType::F32 ? 8 : 12;
-      const i64 opt = per_param * (shard(dense_total, dp_group_, 1) + shard(expert_total, edp_group_, 1));
-      optimizer_ = tensor("optimizer.state", opt, TensorClass::Optimizer);
-    }
+    if (!P_.optimizer_offload && optimizer_elements_ > 0)
+      optimizer_ = fp32("optimizer.state", optimizer_elements_, TensorClass::Optimizer);
+    prog_.optimizer_elements = optimizer_elements_;
   }
+
+  const ParamBuffer& buffer(int b) const { return prog_.buffers[static_cast<std::size_t>(b)]; }
 
   // ---- ZeRO-3 gathers ----
-  // Gathers a layer's weights (issued one layer ahead, so two are alive at once, as with prefetch).
-  std::uint32_t gather_layer(int l) {
-    const LayerWeights& w = layers_.at(l);
-    const auto g = tensor("zero3.gathered", D_.e * (w.params.sharded() + w.params.replicated()), TensorClass::Gathered);
-    const auto idx = comm(OpKind::AllGather, GroupKind::DP, "zero3.all_gather", D_.e * (w.params.sharded() + w.params.replicated()),
-                          Stream::DataComm, {}, {g});
-    for (auto t : w.dense_weights()) add_read(idx, t);
-    if (w.moe && edp_group_ > 1) {
-      const auto ge = tensor("zero3.gathered_experts", D_.e * w.params.expert, TensorClass::Gathered);
-      comm(OpKind::AllGather, GroupKind::ExpertDP, "zero3.all_gather_experts", D_.e * w.params.expert, Stream::DataComm,
-           {w.experts}, {ge});
-      gathered_experts_[l] = ge;
-    }
+  // The full weights of buffer b: its weight tensor, or under ZeRO-3 a gathered copy.
+  std::uint32_t gather(int b, std::string_view nm) {
+    const ParamBuffer& buf = buffer(b);
+    if (!buf.weight_sharded) return buf.weight;
+    const auto g = act("zero3.gathered", buf.padded, TensorClass::Gathered);
+    comm(OpKind::AllGather, buf.shard_group, nm, D_.e * buf.padded, Stream::DataComm, {buf.weight}, {g});
     return g;
   }
-  bool zero3() const { return P_.zero_stage == 3 && dp_group_ > 1; }
+  bool zero3() const { return P_.zero_stage == 3; }
 
-  // Weight tensor an op of layer l reads: the gathered copy under ZeRO-3.
-  std::uint32_t W(int l, std::uint32_t own) const {
+  struct Gathered {
+    std::uint32_t dense = 0, experts = 0;
+  };
+  // Gathers a layer's weights (issued one layer ahead, so two are alive at once, as with prefetch).
+  Gathered gather_layer(int l) {
+    const LayerWeights& w = layers_.at(l);
+    Gathered g;
+    g.dense = gather(w.buffer, "zero3.all_gather");
+    if (w.moe) g.experts = gather(w.expert_buffer, "zero3.all_gather_experts");
+    return g;
+  }
+  // Weight tensors an op of layer l reads.
+  std::uint32_t W(int l) const {
     auto it = gathered_.find(l);
-    return it == gathered_.end() ? own : it->second;
+    return it == gathered_.end() ? buffer(layers_.at(l).buffer).weight : it->second.dense;
   }
   std::uint32_t WE(int l) const {
-    auto it = gathered_experts_.find(l);
-    return it == gathered_experts_.end() ? layers_.at(l).experts : it->second;
+    auto it = gathered_.find(l);
+    return it == gathered_.end() ? buffer(layers_.at(l).expert_buffer).weight : it->second.experts;
   }
   void prefetch(const std::vector<int>& order, std::size_t i) {
     if (!zero3()) return;
@@ -421,81 +461,149 @@ class StageCompiler {
   }
 
   // ---- gradients ----
-  // Under ZeRO-2/3 each micro-batch's full gradients of a layer are reduce-scattered at once; they
-  // accumulate into a transient full-size buffer first.
-  std::uint32_t grad_target(int l, bool expert) {
-    const LayerWeights& w = layers_.at(l);
-    if (P_.zero_stage < 2 || (expert ? edp_group_ : dp_group_) == 1) return expert ? w.grad_expert : w.grad;
-    auto& slot = expert ? grad_bucket_expert_[l] : grad_bucket_[l];
-    if (!slot) slot = tensor("grad.bucket", D_.gb * (expert ? w.params.expert : w.params.sharded()), TensorClass::Gathered);
+  // Where this micro-batch's gradients of buffer b accumulate: its gradient tensor, or under
+  // ZeRO-2/3 a transient full-size bucket, reduce-scattered once the buffer's pass is done.
+  std::uint32_t grad_target(int b) {
+    const ParamBuffer& buf = buffer(b);
+    if (!buf.grad_sharded) return buf.grad;
+    auto& slot = bucket_[b];
+    if (!slot) slot = grad("grad.bucket", buf.padded, TensorClass::Gathered);
     return *slot;
   }
 
-  // After a layer's gradients for this pass are complete: reduce them (every micro-batch under
-  // ZeRO-2/3, once after the last micro-batch otherwise).
+  // Views of the slots of buffer b whose parameters are replicated across tensor-parallel ranks
+  // but see different sequence shards under SP, so their gradients are summed over TP.
+  std::vector<V> replicated_views(int b, std::uint32_t t) const {
+    std::vector<V> out;
+    const ParamBuffer& buf = buffer(b);
+    if (buf.shard_group != GroupKind::DP) return out;  // experts: reduced over expert-dp, which spans tp
+    for (const ParamSlot& s : buf.slots)
+      if (params_[s.param].split == TpSplit::Replicated) out.push_back(V(t, Part{s.offset, s.count}));
+    return out;
+  }
+  void replicated_tp_all_reduce(const std::vector<std::pair<int, std::uint32_t>>& targets) {
+    if (!D_.sp) return;
+    i64 count = 0;
+    std::vector<V> views;
+    for (auto [b, t] : targets)
+      for (const V& v : replicated_views(b, t)) {
+        views.push_back(v);
+        count += v.count;
+      }
+    if (views.empty()) return;
+    Op op = make(OpKind::AllReduce, "replicated.grad_all_reduce", Stream::TensorComm);
+    op.group = GroupKind::TP;
+    op.comm_bytes = D_.gb * count;
+    op.dtype = P_.grad_dtype;
+    const auto idx = emit(op, {}, {});
+    for (const V& v : views) add_use(idx, v, false);
+    for (const V& v : views) add_use(idx, v, true);
+  }
+
+  // After buffer b's gradients for this pass are complete: under ZeRO-2/3 reduce-scatter the
+  // bucket into the gradient shard (every micro-batch); otherwise reduce once after the last one.
+  void reduce_grads(int b, bool last_pass) {
+    const ParamBuffer& buf = buffer(b);
+    const int g = group_size(buf.shard_group);
+    if (buf.grad_sharded) {
+      auto it = bucket_.find(b);
+      if (it == bucket_.end() || !it->second) return;
+      const std::uint32_t bucket = *it->second;
+      replicated_tp_all_reduce({{b, bucket}});
+      // The shard accumulates over micro-batches: it is read and written.
+      comm(OpKind::ReduceScatter, buf.shard_group, "grad.reduce_scatter", D_.gb * buf.padded, Stream::DataComm,
+           {bucket, buf.grad}, {buf.grad}, 0, P_.grad_dtype);
+      bucket_.erase(it);
+    } else if (last_pass && g > 1) {
+      const bool rs = P_.zero_stage == 1;
+      comm(rs ? OpKind::ReduceScatter : OpKind::AllReduce, buf.shard_group, rs ? "grad.reduce_scatter" : "grad.all_reduce",
+           D_.gb * buf.padded, Stream::DataComm, {buf.grad}, {buf.grad}, 0, P_.grad_dtype);
+    }
+  }
   void reduce_layer_grads(int l, bool last_pass) {
     const LayerWeights& w = layers_.at(l);
-    auto reduce = [&](bool expert) {
-      const int group = expert ? edp_group_ : dp_group_;
-      if (group == 1) return;
-      const GroupKind gk = expert ? GroupKind::ExpertDP : GroupKind::DP;
-      const i64 count = expert ? w.params.expert : w.params.sharded();
-      const std::uint32_t persistent = expert ? w.grad_expert : w.grad;
-      if (P_.zero_stage >= 2) {
-        auto& slot = expert ? grad_bucket_expert_[l] : grad_bucket_[l];
-        if (!slot) return;
-        grad_comm(OpKind::ReduceScatter, gk, "grad.reduce_scatter", count, Stream::DataComm, {*slot, persistent}, {persistent});
-        slot.reset();
-      } else if (last_pass) {
-        grad_comm(P_.zero_stage == 1 ? OpKind::ReduceScatter : OpKind::AllReduce, gk,
-                  P_.zero_stage == 1 ? "grad.reduce_scatter" : "grad.all_reduce", count, Stream::DataComm, {persistent},
-                  {persistent});
-      }
-    };
-    reduce(false);
-    if (w.moe) reduce(true);
+    // Without ZeRO-2/3 the replicated slots are summed over TP once, in the optimizer tail.
+    reduce_grads(w.buffer, last_pass);
+    if (w.moe) reduce_grads(w.expert_buffer, last_pass);
   }
 
   // ---- layers ----
+  struct LayerActs {
+    std::uint32_t x_in = 0, ln1_out = 0, qkv = 0, stats = 0, attn_out = 0, mask1 = 0, x_mid = 0;
+    std::uint32_t ln2_out = 0, fc1_out = 0, act_out = 0, mask2 = 0, x_out = 0;
+    std::uint32_t probs = 0, routing = 0, expert_in = 0, expert_out = 0;  // MoE
+    bool has_mask = false;
+  };
+
+  std::optional<V> opt(std::uint32_t t, Part p) const { return p.count > 0 ? std::optional<V>(V(t, p)) : std::nullopt; }
+
+  // Norm forward: reads [x, gamma, (beta)], writes [y].
+  void norm_fwd(std::string_view nm, std::uint32_t x, std::uint32_t w, Part gamma, Part beta, std::uint32_t y) {
+    std::vector<V> reads = {x, V(w, gamma)};
+    if (beta.count > 0) reads.push_back(V(w, beta));
+    elementwise(OpKind::Norm, nm, D_.Tres, D_.h, D_.layernorm ? 8.0 : 5.0, reads, {y});
+  }
+  // Norm backward: reads [dy, x, gamma, (residual gradient)], writes [dx = residual + d norm,
+  // dgamma, (dbeta)].
+  void norm_bwd(std::string_view nm, std::uint32_t dy, std::uint32_t x, std::uint32_t w, Part gamma,
+                std::optional<std::uint32_t> residual, std::uint32_t dx, std::uint32_t g, Part dgamma, Part dbeta) {
+    std::vector<V> reads = {dy, x, V(w, gamma)}, writes = {dx, V(g, dgamma)};
+    if (residual) reads.push_back(*residual);
+    if (dbeta.count > 0) writes.push_back(V(g, dbeta));
+    elementwise(OpKind::Norm, nm, D_.Tres, D_.h, D_.layernorm ? 12.0 : 8.0, reads, writes);
+  }
+
+  // Residual add after a branch: reads [branch, residual, (bias)], writes [out, (mask)]:
+  // out = residual + dropout(branch + bias), Megatron's fused bias-dropout-add.
+  void residual_fwd(std::string_view nm, std::uint32_t branch, std::uint32_t residual, std::optional<V> bias, std::uint32_t out,
+                    std::optional<std::uint32_t> mask) {
+    std::vector<V> reads = {branch, residual}, writes = {out};
+    if (bias) reads.push_back(*bias);
+    if (mask) writes.push_back(*mask);
+    elementwise(OpKind::DropoutAdd, nm, D_.Tres, D_.h, mask ? 3.0 : 1.0, reads, writes);
+  }
+  // Its backward: reads [dy, (mask)], writes [d_branch, (dbias)]; the residual's gradient is dy.
+  void residual_bwd(std::string_view nm, std::uint32_t dy, std::optional<std::uint32_t> mask, std::uint32_t d_branch,
+                    std::optional<V> dbias) {
+    std::vector<V> reads = {dy}, writes = {d_branch};
+    if (mask) reads.push_back(*mask);
+    if (dbias) writes.push_back(*dbias);
+    elementwise(OpKind::DropoutAdd, nm, D_.Tres, D_.h, mask ? 2.0 : 0.0, reads, writes);
+  }
+
   LayerActs layer_forward(int l, std::uint32_t x_in) {
     const LayerWeights& w = layers_.at(l);
+    const std::uint32_t wt = W(l);
     const bool keep = phase_ == Phase::Recompute || P_.recompute != Recompute::Full;
-    const TensorClass act = keep ? TensorClass::Activation : TensorClass::Temporary;
+    const TensorClass cls = keep ? TensorClass::Activation : TensorClass::Temporary;
     const TensorClass core_cls =
         keep && (P_.recompute == Recompute::None || phase_ == Phase::Recompute) ? TensorClass::Activation : TensorClass::Temporary;
-    const double norm_flops = D_.layernorm ? 8.0 : 5.0;
     LayerActs A;
     A.x_in = x_in;
     // attention block
-    A.ln1_out = tensor("ln1.out", D_.e * D_.Tres * D_.h, act);
-    elementwise(OpKind::Norm, "ln1", D_.Tres, D_.h, norm_flops, {x_in, W(l, w.norm1)}, {A.ln1_out});
+    A.ln1_out = act("ln1.out", D_.Tres * D_.h, cls);
+    norm_fwd("ln1", x_in, wt, w.norm1_w, w.norm1_b, A.ln1_out);
     const auto qkv_in = sp_gather("ln1.all_gather", A.ln1_out);
-    A.qkv = tensor("qkv.out", D_.e * D_.T * D_.qkv_cols, act);
-    gemm_fwd("qkv", D_.T, D_.qkv_cols, D_.h, 1, qkv_in, W(l, w.qkv), A.qkv);
+    A.qkv = act("qkv.out", D_.T * D_.qkv_cols, cls);
+    gemm_fwd("qkv", D_.T, D_.qkv_cols, D_.h, 1, qkv_in, V(wt, w.qkv_w), opt(wt, w.qkv_b), A.qkv);
     if (D_.rope) elementwise(OpKind::Rope, "rope", D_.T, (D_.a_l + D_.g_l) * D_.d, 6.0, {A.qkv}, {A.qkv});
-    attention_forward(A, core_cls, act);
-    const auto proj = tensor("proj.out", D_.e * D_.T * D_.h, TensorClass::Temporary);
-    gemm_fwd("proj", D_.T, D_.h, D_.a_l * D_.d, 1, A.attn_out, W(l, w.proj), proj);
+    attention_forward(A, core_cls, cls);
+    const auto proj = act("proj.out", D_.T * D_.h, TensorClass::Temporary);
+    gemm_fwd("proj", D_.T, D_.h, D_.a_l * D_.d, 1, A.attn_out, V(wt, w.proj_w), std::nullopt, proj);
     const auto branch1 = tp_reduce("proj.tp_reduce", proj);
-    A.x_mid = tensor("residual1.out", D_.e * D_.Tres * D_.h, act);
+    A.x_mid = act("residual1.out", D_.Tres * D_.h, cls);
     A.has_mask = D_.hidden_dropout;
-    if (A.has_mask) {
-      A.mask1 = tensor("dropout1.mask", D_.Tres * D_.h, act);
-      elementwise(OpKind::DropoutAdd, "dropout_add1", D_.Tres, D_.h, 3.0, {branch1, x_in}, {A.x_mid, A.mask1});
-    } else {
-      elementwise(OpKind::DropoutAdd, "residual_add1", D_.Tres, D_.h, 1.0, {branch1, x_in}, {A.x_mid});
-    }
+    if (A.has_mask) A.mask1 = mask("dropout1.mask", D_.Tres * D_.h, cls);
+    residual_fwd(A.has_mask ? "dropout_add1" : "residual_add1", branch1, x_in, opt(wt, w.proj_b), A.x_mid,
+                 A.has_mask ? std::optional<std::uint32_t>(A.mask1) : std::nullopt);
     // MLP block
-    A.ln2_out = tensor("ln2.out", D_.e * D_.Tres * D_.h, act);
-    elementwise(OpKind::Norm, "ln2", D_.Tres, D_.h, norm_flops, {A.x_mid, W(l, w.norm2)}, {A.ln2_out});
-    const auto branch2 = w.moe ? moe_forward(l, A, act) : mlp_forward(l, A, act);
-    A.x_out = tensor("residual2.out", D_.e * D_.Tres * D_.h, TensorClass::Activation);
-    if (A.has_mask) {
-      A.mask2 = tensor("dropout2.mask", D_.Tres * D_.h, act);
-      elementwise(OpKind::DropoutAdd, "dropout_add2", D_.Tres, D_.h, 3.0, {branch2, A.x_mid}, {A.x_out, A.mask2});
-    } else {
-      elementwise(OpKind::DropoutAdd, "residual_add2", D_.Tres, D_.h, 1.0, {branch2, A.x_mid}, {A.x_out});
-    }
+    A.ln2_out = act("ln2.out", D_.Tres * D_.h, cls);
+    norm_fwd("ln2", A.x_mid, wt, w.norm2_w, w.norm2_b, A.ln2_out);
+    const auto branch2 = w.moe ? moe_forward(l, A, cls) : mlp_forward(l, A, cls);
+    A.x_out = act("residual2.out", D_.Tres * D_.h, TensorClass::Activation);
+    if (A.has_mask) A.mask2 = mask("dropout2.mask", D_.Tres * D_.h, cls);
+    residual_fwd(A.has_mask ? "dropout_add2" : "residual_add2", branch2, A.x_mid, w.moe ? std::nullopt : opt(wt, w.fc2_b), A.x_out,
+                 A.has_mask ? std::optional<std::uint32_t>(A.mask2) : std::nullopt);
     return A;
   }
 
@@ -504,20 +612,22 @@ class StageCompiler {
            static_cast<double>(D_.d);
   }
 
-  // Saved softmax statistics (flash) or probabilities (unfused) of one attention call.
+  // Saved softmax statistics: the log-sum-exp per query and head (flash), or the probabilities
+  // (unfused), whose first 4·b·heads·S bytes a flash-style kernel uses for the log-sum-exp.
   std::uint32_t attention_stats(TensorClass cls) {
-    if (D_.flash) return tensor("attention.lse", 4 * D_.b * D_.a_l * D_.S, cls);
+    if (D_.flash) return fp32("attention.lse", D_.b * D_.a_l * D_.S, cls);
     i64 bytes = D_.e * D_.b * D_.a_l * D_.S * D_.s;
     if (D_.attn_dropout) bytes += (1 + D_.e) * D_.b * D_.a_l * D_.S * D_.s;  // mask and dropped probabilities
-    return tensor("attention.softmax", bytes, cls);
+    return tensor("attention.softmax", std::max(bytes, 4 * D_.b * D_.a_l * D_.S), cls);
   }
 
-  Op attention_op(std::string_view nm, i64 keys, double flops_factor) {
+  Op attention_op(std::string_view nm, i64 keys, double flops_factor, int step) {
     Op op = make(OpKind::AttentionCore, nm);
     op.m = D_.S;
     op.n = keys;
     op.k = D_.d;
     op.batch = D_.b * D_.a_l;
+    op.step = static_cast<std::uint8_t>(step);
     op.flops = flops_factor * attention_flops(keys);
     op.vector_flops = flops_factor * 5.0 * static_cast<double>(D_.b * D_.a_l * D_.S * keys);
     op.bytes_read = D_.e * D_.T * D_.qkv_cols;
@@ -525,70 +635,85 @@ class StageCompiler {
     return op;
   }
 
-  // Causal attention, as cp steps of a ring (Liu et al., ring attention): each key/value block
-  // moves on to the next CP rank while the current one is computed. Without CP, one step.
+  i64 kv_elems() const { return 2 * D_.T * D_.g_l * D_.d; }  // one block's K and V, rows [K | V]
+
+  // Causal attention as cp steps of a ring (Liu et al., ring attention): each key/value block moves
+  // on to the next CP rank while the current one is computed. Without CP, one step on qkv itself.
   template <class Step>
-  void attention_ring(std::string_view ring_name, i64 block_bytes, std::uint32_t qkv, Step step) {
-    std::uint32_t kv = qkv;
+  void attention_ring(std::uint32_t qkv, Step step) {
+    if (D_.cp == 1) {
+      step(qkv, 0);
+      return;
+    }
+    std::uint32_t kv = act("attention.kv", kv_elems(), TensorClass::Temporary);
+    elementwise(OpKind::Copy, "attention.kv_pack", D_.T, 2 * D_.g_l * D_.d, 0.0, {qkv}, {kv}, Variant::PackKeyValues);
     for (int i = 0; i < D_.cp; ++i) {
       std::uint32_t next = kv;
       if (i + 1 < D_.cp) {
-        next = tensor(ring_name, block_bytes, TensorClass::Temporary);
-        comm(OpKind::RingExchange, GroupKind::CP, ring_name, block_bytes, Stream::TensorComm, {kv}, {next}, 1);
+        next = act("attention.kv_ring", kv_elems(), TensorClass::Temporary);
+        comm(OpKind::RingExchange, GroupKind::CP, "attention.kv_ring", D_.e * kv_elems(), Stream::TensorComm, {kv}, {next}, 1);
       }
-      step(kv);
+      step(kv, i);
       kv = next;
     }
   }
 
-  void attention_forward(LayerActs& A, TensorClass core_cls, TensorClass act) {
+  void attention_forward(LayerActs& A, TensorClass core_cls, TensorClass cls) {
     A.stats = attention_stats(core_cls);
-    A.attn_out = tensor("attention.out", D_.e * D_.T * D_.a_l * D_.d, act);
-    attention_ring("attention.kv_ring", 2 * D_.e * D_.T * D_.g_l * D_.d, A.qkv, [&](std::uint32_t kv) {
-      emit(attention_op("attention", D_.S, 1.0), {A.qkv, kv}, {A.attn_out, A.stats});
+    A.attn_out = act("attention.out", D_.T * D_.a_l * D_.d, cls);
+    attention_ring(A.qkv, [&](std::uint32_t kv, int i) {
+      emit(attention_op("attention", D_.S, 1.0, i), {A.qkv, kv}, {A.attn_out, A.stats});
     });
   }
 
-  std::uint32_t mlp_forward(int l, LayerActs& A, TensorClass act) {
+  std::uint32_t mlp_forward(int l, LayerActs& A, TensorClass cls) {
     const LayerWeights& w = layers_.at(l);
+    const std::uint32_t wt = W(l);
     const auto fc_in = sp_gather("ln2.all_gather", A.ln2_out);
-    A.fc1_out = tensor("fc1.out", D_.e * D_.T * D_.f_l * D_.gated(), act);
-    gemm_fwd("fc1", D_.T, D_.f_l * D_.gated(), D_.h, 1, fc_in, W(l, w.fc1), A.fc1_out);
-    A.act_out = tensor("activation.out", D_.e * D_.T * D_.f_l, act);
+    A.fc1_out = act("fc1.out", D_.T * D_.f_l * D_.gated(), cls);
+    gemm_fwd("fc1", D_.T, D_.f_l * D_.gated(), D_.h, 1, fc_in, V(wt, w.fc1_w), opt(wt, w.fc1_b), A.fc1_out);
+    A.act_out = act("activation.out", D_.T * D_.f_l, cls);
     elementwise(OpKind::Activation, D_.swiglu ? "swiglu" : "gelu", D_.T, D_.f_l, D_.swiglu ? 6.0 : 10.0, {A.fc1_out}, {A.act_out});
-    const auto fc2 = tensor("fc2.out", D_.e * D_.T * D_.h, TensorClass::Temporary);
-    gemm_fwd("fc2", D_.T, D_.h, D_.f_l, 1, A.act_out, W(l, w.fc2), fc2);
+    const auto fc2 = act("fc2.out", D_.T * D_.h, TensorClass::Temporary);
+    gemm_fwd("fc2", D_.T, D_.h, D_.f_l, 1, A.act_out, V(wt, w.fc2_w), std::nullopt, fc2);
     return tp_reduce("fc2.tp_reduce", fc2);
   }
 
-  std::uint32_t moe_forward(int l, LayerActs& A, TensorClass act) {
+  // Routing of one token-assignment: expert (int32), slot (int32), gate (fp32).
+  static constexpr i64 kRoutingBytes = 12;
+
+  std::uint32_t moe_forward(int l, LayerActs& A, TensorClass cls) {
     const LayerWeights& w = layers_.at(l);
+    const std::uint32_t wt = W(l), we = WE(l);
     const i64 tok = D_.Tres;  // MoE with tp > 1 requires sequence parallelism: tokens stay sharded
-    const auto logits = tensor("router.logits", D_.e * tok * D_.E, TensorClass::Temporary);
-    gemm_fwd("router", tok, D_.E, D_.h, 1, A.ln2_out, W(l, w.router), logits);
-    A.probs = tensor("router.probs", 4 * tok * D_.E, act);
-    elementwise(OpKind::Router, "router.topk", tok, D_.E, 8.0, {logits}, {A.probs});
-    const auto dispatch = tensor("moe.permuted", D_.e * D_.R * D_.h, D_.ep > 1 ? TensorClass::Temporary : act);
-    elementwise(OpKind::Permute, "moe.permute", D_.R, D_.h, 0.0, {A.ln2_out, A.probs}, {dispatch});
+    const auto logits = act("router.logits", tok * D_.E, TensorClass::Temporary);
+    gemm_fwd("router", tok, D_.E, D_.h, 1, A.ln2_out, V(wt, w.router_w), std::nullopt, logits);
+    A.probs = fp32("router.probs", tok * D_.E, cls);
+    A.routing = tensor("router.routing", kRoutingBytes * tok * D_.top_k, cls);
+    elementwise(OpKind::Router, "router.topk", tok, D_.E, 8.0, {logits}, {A.probs, A.routing});
+    const auto dispatch = act("moe.permuted", D_.R * D_.h, D_.ep > 1 ? TensorClass::Temporary : cls);
+    elementwise(OpKind::Permute, "moe.permute", D_.R, D_.h, 0.0, {A.ln2_out, A.routing}, {dispatch}, Variant::Dispatch);
     A.expert_in = dispatch;
     if (D_.ep > 1) {
-      A.expert_in = tensor("moe.expert_in", D_.e * D_.R * D_.h, act);
+      A.expert_in = act("moe.expert_in", D_.R * D_.h, cls);
       comm(OpKind::AllToAll, GroupKind::EP, "moe.dispatch", D_.e * D_.R * D_.h, Stream::TensorComm, {dispatch}, {A.expert_in});
     }
-    A.fc1_out = tensor("expert_fc1.out", D_.e * D_.R * D_.fe * D_.gated(), act);
-    gemm_fwd("expert_fc1", D_.capacity, D_.fe * D_.gated(), D_.h, D_.E_l, A.expert_in, WE(l), A.fc1_out);
-    A.act_out = tensor("expert_activation.out", D_.e * D_.R * D_.fe, act);
+    A.fc1_out = act("expert_fc1.out", D_.R * D_.fe * D_.gated(), cls);
+    gemm_fwd("expert_fc1", D_.capacity, D_.fe * D_.gated(), D_.h, D_.E_l, A.expert_in, V(we, w.ex_fc1_w), opt(we, w.ex_fc1_b),
+             A.fc1_out, true);
+    A.act_out = act("expert_activation.out", D_.R * D_.fe, cls);
     elementwise(OpKind::Activation, D_.swiglu ? "expert_swiglu" : "expert_gelu", D_.R, D_.fe, D_.swiglu ? 6.0 : 10.0,
                 {A.fc1_out}, {A.act_out});
-    auto out = tensor("expert_fc2.out", D_.e * D_.R * D_.h, TensorClass::Temporary);
-    gemm_fwd("expert_fc2", D_.capacity, D_.h, D_.fe, D_.E_l, A.act_out, WE(l), out);
+    auto out = act("expert_fc2.out", D_.R * D_.h, D_.ep > 1 ? TensorClass::Temporary : cls);
+    gemm_fwd("expert_fc2", D_.capacity, D_.h, D_.fe, D_.E_l, A.act_out, V(we, w.ex_fc2_w), opt(we, w.ex_fc2_b), out, true);
     if (D_.ep > 1) {
-      const auto back = tensor("moe.combined", D_.e * D_.R * D_.h, TensorClass::Temporary);
+      const auto back = act("moe.combined", D_.R * D_.h, cls);
       comm(OpKind::AllToAll, GroupKind::EP, "moe.combine", D_.e * D_.R * D_.h, Stream::TensorComm, {out}, {back});
       out = back;
     }
-    const auto moe_out = tensor("moe.out", D_.e * tok * D_.h, TensorClass::Temporary);
-    elementwise(OpKind::Permute, "moe.unpermute", D_.R, D_.h, 2.0, {out, A.probs}, {moe_out});
+    A.expert_out = out;  // the combine's backward needs it for the gate gradients
+    const auto moe_out = act("moe.out", tok * D_.h, TensorClass::Temporary);
+    elementwise(OpKind::Permute, "moe.unpermute", D_.R, D_.h, 2.0, {out, A.routing}, {moe_out}, Variant::Combine);
     return moe_out;
   }
 
@@ -608,50 +733,40 @@ class StageCompiler {
   // Backward of one layer: `dy` is the gradient of its output; returns the gradient of its input.
   std::uint32_t layer_backward(int l, const LayerActs& A, std::uint32_t dy) {
     const LayerWeights& w = layers_.at(l);
-    const double norm_flops = D_.layernorm ? 12.0 : 8.0;
-    const i64 res = D_.e * D_.Tres * D_.h;
+    const std::uint32_t wt = W(l);
+    const auto g = grad_target(w.buffer);
+    const i64 res = D_.Tres * D_.h;
     // MLP block
-    const auto d_branch2 = tensor("residual2.grad", res, TensorClass::Temporary);
-    if (A.has_mask)
-      elementwise(OpKind::DropoutAdd, "dropout_add2.bwd", D_.Tres, D_.h, 2.0, {dy, A.mask2}, {d_branch2});
-    else
-      elementwise(OpKind::DropoutAdd, "residual_add2.bwd", D_.Tres, D_.h, 0.0, {dy}, {d_branch2});
+    const auto d_branch2 = act("residual2.grad", res, TensorClass::Temporary);
+    residual_bwd(A.has_mask ? "dropout_add2.bwd" : "residual_add2.bwd", dy, A.has_mask ? std::optional<std::uint32_t>(A.mask2) : std::nullopt,
+                 d_branch2, w.moe ? std::nullopt : opt(g, w.fc2_b));
     const auto d_ln2 = w.moe ? moe_backward(l, A, d_branch2) : mlp_backward(l, A, d_branch2);
-    const auto dy_mid = tensor("residual1.grad", res, TensorClass::Temporary);
-    elementwise(OpKind::Norm, "ln2.bwd", D_.Tres, D_.h, norm_flops, {d_ln2, A.x_mid, dy, W(l, w.norm2), grad_repl_},
-                {dy_mid, grad_repl_});
+    const auto dy_mid = act("residual1.grad", res, TensorClass::Temporary);
+    norm_bwd("ln2.bwd", d_ln2, A.x_mid, wt, w.norm2_w, dy, dy_mid, g, w.norm2_w, w.norm2_b);
     // attention block
-    const auto d_branch1 = tensor("proj.grad_out", res, TensorClass::Temporary);
-    if (A.has_mask)
-      elementwise(OpKind::DropoutAdd, "dropout_add1.bwd", D_.Tres, D_.h, 2.0, {dy_mid, A.mask1}, {d_branch1});
-    else
-      elementwise(OpKind::DropoutAdd, "residual_add1.bwd", D_.Tres, D_.h, 0.0, {dy_mid}, {d_branch1});
+    const auto d_branch1 = act("proj.grad_out", res, TensorClass::Temporary);
+    residual_bwd(A.has_mask ? "dropout_add1.bwd" : "residual_add1.bwd", dy_mid,
+                 A.has_mask ? std::optional<std::uint32_t>(A.mask1) : std::nullopt, d_branch1, opt(g, w.proj_b));
     const auto d_proj = sp_gather("proj.grad_all_gather", d_branch1);
-    const auto d_attn = tensor("attention.out_grad", D_.e * D_.T * D_.a_l * D_.d, TensorClass::Temporary);
-    gemm_dgrad("proj.dgrad", D_.T, D_.h, D_.a_l * D_.d, 1, d_proj, W(l, w.proj), d_attn);
-    const auto grad = grad_target(l, false);
+    const auto d_attn = act("attention.out_grad", D_.T * D_.a_l * D_.d, TensorClass::Temporary);
+    gemm_dgrad("proj.dgrad", D_.T, D_.h, D_.a_l * D_.d, 1, d_proj, V(wt, w.proj_w), d_attn);
     const i64 T = D_.T, h = D_.h, ad = D_.a_l * D_.d;
-    wgrad([this, T, h, ad, x = A.attn_out, d_proj, grad] { gemm_wgrad("proj.wgrad", T, h, ad, 1, x, d_proj, grad); });
-    const auto d_qkv = tensor("qkv.grad_out", D_.e * D_.T * D_.qkv_cols, TensorClass::Temporary);
+    wgrad([this, T, h, ad, x = A.attn_out, d_proj, g, p = w.proj_w] { gemm_wgrad("proj.wgrad", T, h, ad, 1, x, d_proj, V(g, p), std::nullopt); });
+    const auto d_qkv = act("qkv.grad_out", D_.T * D_.qkv_cols, TensorClass::Temporary);
     attention_backward(A, d_attn, d_qkv);
     if (D_.rope) elementwise(OpKind::Rope, "rope.bwd", D_.T, (D_.a_l + D_.g_l) * D_.d, 6.0, {d_qkv}, {d_qkv});
-    const auto d_ln1 = tensor("ln1.grad_out", D_.e * D_.T * D_.h, TensorClass::Temporary);
-    gemm_dgrad("qkv.dgrad", D_.T, D_.qkv_cols, D_.h, 1, d_qkv, W(l, w.qkv), d_ln1);
+    const auto d_ln1 = act("ln1.grad_out", D_.T * D_.h, TensorClass::Temporary);
+    gemm_dgrad("qkv.dgrad", D_.T, D_.qkv_cols, D_.h, 1, d_qkv, V(wt, w.qkv_w), d_ln1);
     const i64 cols = D_.qkv_cols;
-    wgrad([this, T, h, cols, ln1 = A.ln1_out, d_qkv, grad] {
+    wgrad([this, T, h, cols, ln1 = A.ln1_out, d_qkv, g, pw = w.qkv_w, pb = w.qkv_b] {
       const auto x = sp_gather("ln1.regather", ln1);  // SP keeps only the shard; gather it again
-      gemm_wgrad("qkv.wgrad", T, cols, h, 1, x, d_qkv, grad);
+      gemm_wgrad("qkv.wgrad", T, cols, h, 1, x, d_qkv, V(g, pw), opt(g, pb));
     });
-    const auto d_ln1r = tp_reduce_grad("ln1.grad_tp_reduce", d_ln1);
-    const auto dx = tensor("layer.grad_in", res, TensorClass::Temporary);
-    elementwise(OpKind::Norm, "ln1.bwd", D_.Tres, D_.h, norm_flops, {d_ln1r, A.x_in, dy_mid, W(l, w.norm1), grad_repl_},
-                {dx, grad_repl_});
+    const auto d_ln1r = tp_reduce("ln1.grad_tp_reduce", d_ln1);
+    const auto dx = act("layer.grad_in", res, TensorClass::Temporary);
+    norm_bwd("ln1.bwd", d_ln1r, A.x_in, wt, w.norm1_w, dy_mid, dx, g, w.norm1_w, w.norm1_b);
     return dx;
   }
-
-  // TP conjugate of sp_gather/tp_reduce for input gradients: all-reduce (f's backward) or
-  // reduce-scatter (the backward of SP's all-gather).
-  std::uint32_t tp_reduce_grad(std::string_view nm, std::uint32_t full) { return tp_reduce(nm, full); }
 
   void attention_backward(const LayerActs& A, std::uint32_t d_attn, std::uint32_t d_qkv) {
     std::uint32_t stats = A.stats;
@@ -659,106 +774,133 @@ class StageCompiler {
       const Phase saved = phase_;
       phase_ = Phase::Recompute;
       stats = attention_stats(TensorClass::Temporary);
-      const auto out = tensor("attention.out_recomputed", D_.flash ? 0 : D_.e * D_.T * D_.a_l * D_.d, TensorClass::Temporary);
-      attention_ring("attention.kv_ring", 2 * D_.e * D_.T * D_.g_l * D_.d, A.qkv,
-                     [&](std::uint32_t kv) { emit(attention_op("attention", D_.S, 1.0), {A.qkv, kv}, {out, stats}); });
+      const auto out = act("attention.out_recomputed", D_.flash ? 0 : D_.T * D_.a_l * D_.d, TensorClass::Temporary);
+      attention_ring(A.qkv, [&](std::uint32_t kv, int i) { emit(attention_op("attention", D_.S, 1.0, i), {A.qkv, kv}, {out, stats}); });
       phase_ = saved;
     }
-    // Backward: key/value blocks travel with their accumulated gradients.
-    attention_ring("attention.kv_grad_ring", 4 * D_.e * D_.T * D_.g_l * D_.d, A.qkv, [&](std::uint32_t kv) {
-      emit(attention_op("attention.bwd", D_.S, 2.0), {d_attn, A.qkv, kv, A.attn_out, stats}, {d_qkv});
-    });
+    if (D_.cp == 1) {
+      emit(attention_op("attention.bwd", D_.S, 2.0, 0), {d_attn, A.qkv, A.qkv, A.attn_out, stats}, {d_qkv});
+      return;
+    }
+    // Ring backward: key/value blocks travel ahead (prefetched); each block's dK, dV travel behind
+    // them, gaining every rank's share, and a last hop brings them home to the block's owner.
+    std::uint32_t kv = act("attention.kv", kv_elems(), TensorClass::Temporary);
+    elementwise(OpKind::Copy, "attention.kv_pack", D_.T, 2 * D_.g_l * D_.d, 0.0, {A.qkv}, {kv}, Variant::PackKeyValues);
+    std::optional<std::uint32_t> dkv_in;
+    for (int i = 0; i < D_.cp; ++i) {
+      std::uint32_t next = kv;
+      if (i + 1 < D_.cp) {
+        next = act("attention.kv_ring", kv_elems(), TensorClass::Temporary);
+        comm(OpKind::RingExchange, GroupKind::CP, "attention.kv_ring", D_.e * kv_elems(), Stream::TensorComm, {kv}, {next}, 1);
+      }
+      const auto dkv = act("attention.dkv", kv_elems(), TensorClass::Temporary);
+      const auto idx = emit(attention_op("attention.bwd", D_.S, 2.0, i), {d_attn, A.qkv, kv, A.attn_out, stats}, {});
+      if (dkv_in) add_use(idx, *dkv_in, false);
+      add_use(idx, d_qkv, true);
+      add_use(idx, dkv, true);
+      const auto dkv_next = act("attention.dkv_ring", kv_elems(), TensorClass::Temporary);
+      comm(OpKind::RingExchange, GroupKind::CP, "attention.dkv_ring", D_.e * kv_elems(), Stream::TensorComm, {dkv}, {dkv_next}, 1);
+      dkv_in = dkv_next;
+      kv = next;
+    }
+    elementwise(OpKind::Copy, "attention.dkv_add", D_.T, 2 * D_.g_l * D_.d, 1.0, {*dkv_in, d_qkv}, {d_qkv},
+                Variant::AddKeyValueGrads);
   }
 
   std::uint32_t mlp_backward(int l, const LayerActs& A, std::uint32_t d_branch) {
     const LayerWeights& w = layers_.at(l);
+    const std::uint32_t wt = W(l);
+    const auto g = grad_target(w.buffer);
     const auto d_fc2 = sp_gather("fc2.grad_all_gather", d_branch);
-    const auto d_act = tensor("activation.grad_out", D_.e * D_.T * D_.f_l, TensorClass::Temporary);
-    gemm_dgrad("fc2.dgrad", D_.T, D_.h, D_.f_l, 1, d_fc2, W(l, w.fc2), d_act);
-    const auto grad = grad_target(l, false);
+    const auto d_act = act("activation.grad_out", D_.T * D_.f_l, TensorClass::Temporary);
+    gemm_dgrad("fc2.dgrad", D_.T, D_.h, D_.f_l, 1, d_fc2, V(wt, w.fc2_w), d_act);
     const i64 T = D_.T, h = D_.h, f = D_.f_l, fg = D_.f_l * D_.gated();
-    wgrad([this, T, h, f, x = A.act_out, d_fc2, grad] { gemm_wgrad("fc2.wgrad", T, h, f, 1, x, d_fc2, grad); });
-    const auto d_fc1 = tensor("fc1.grad_out", D_.e * D_.T * fg, TensorClass::Temporary);
+    wgrad([this, T, h, f, x = A.act_out, d_fc2, g, p = w.fc2_w] { gemm_wgrad("fc2.wgrad", T, h, f, 1, x, d_fc2, V(g, p), std::nullopt); });
+    const auto d_fc1 = act("fc1.grad_out", D_.T * fg, TensorClass::Temporary);
     elementwise(OpKind::Activation, D_.swiglu ? "swiglu.bwd" : "gelu.bwd", D_.T, D_.f_l, D_.swiglu ? 8.0 : 14.0,
                 {d_act, A.fc1_out}, {d_fc1});
-    const auto d_ln2 = tensor("ln2.grad_out", D_.e * D_.T * D_.h, TensorClass::Temporary);
-    gemm_dgrad("fc1.dgrad", D_.T, fg, D_.h, 1, d_fc1, W(l, w.fc1), d_ln2);
-    wgrad([this, T, h, fg, ln2 = A.ln2_out, d_fc1, grad] {
+    const auto d_ln2 = act("ln2.grad_out", D_.T * D_.h, TensorClass::Temporary);
+    gemm_dgrad("fc1.dgrad", D_.T, fg, D_.h, 1, d_fc1, V(wt, w.fc1_w), d_ln2);
+    wgrad([this, T, h, fg, ln2 = A.ln2_out, d_fc1, g, pw = w.fc1_w, pb = w.fc1_b] {
       const auto x = sp_gather("ln2.regather", ln2);
-      gemm_wgrad("fc1.wgrad", T, fg, h, 1, x, d_fc1, grad);
+      gemm_wgrad("fc1.wgrad", T, fg, h, 1, x, d_fc1, V(g, pw), opt(g, pb));
     });
-    return tp_reduce_grad("ln2.grad_tp_reduce", d_ln2);
+    return tp_reduce("ln2.grad_tp_reduce", d_ln2);
   }
 
   std::uint32_t moe_backward(int l, const LayerActs& A, std::uint32_t d_branch) {
     const LayerWeights& w = layers_.at(l);
+    const std::uint32_t wt = W(l), we = WE(l);
+    const auto g = grad_target(w.buffer), ge = grad_target(w.expert_buffer);
     const i64 tok = D_.Tres, R = D_.R, h = D_.h, fe = D_.fe, fg = D_.fe * D_.gated(), C = D_.capacity, El = D_.E_l;
-    auto d_out = tensor("moe.grad_combined", D_.e * R * h, TensorClass::Temporary);
-    const auto d_probs = tensor("router.grad_probs", 4 * tok * D_.E, TensorClass::Temporary);
-    elementwise(OpKind::Permute, "moe.unpermute.bwd", R, h, 2.0, {d_branch, A.probs}, {d_out, d_probs});
+    auto d_out = act("moe.grad_combined", R * h, TensorClass::Temporary);
+    const auto d_gate = fp32("router.grad_gate", tok * D_.top_k, TensorClass::Temporary);
+    elementwise(OpKind::Permute, "moe.unpermute.bwd", R, h, 2.0, {d_branch, A.expert_out, A.routing}, {d_out, d_gate}, Variant::Combine);
     if (D_.ep > 1) {
-      const auto back = tensor("moe.grad_expert_out", D_.e * R * h, TensorClass::Temporary);
+      const auto back = act("moe.grad_expert_out", R * h, TensorClass::Temporary);
       comm(OpKind::AllToAll, GroupKind::EP, "moe.combine.bwd", D_.e * R * h, Stream::TensorComm, {d_out}, {back});
       d_out = back;
     }
-    const auto d_act = tensor("expert_activation.grad_out", D_.e * R * fe, TensorClass::Temporary);
-    gemm_dgrad("expert_fc2.dgrad", C, h, fe, El, d_out, WE(l), d_act);
-    const auto grad = grad_target(l, true);
-    wgrad([this, C, h, fe, El, x = A.act_out, d_out, grad] { gemm_wgrad("expert_fc2.wgrad", C, h, fe, El, x, d_out, grad); });
-    const auto d_fc1 = tensor("expert_fc1.grad_out", D_.e * R * fg, TensorClass::Temporary);
+    const auto d_act = act("expert_activation.grad_out", R * fe, TensorClass::Temporary);
+    gemm_dgrad("expert_fc2.dgrad", C, h, fe, El, d_out, V(we, w.ex_fc2_w), d_act, true);
+    wgrad([this, C, h, fe, El, x = A.act_out, d_out, ge, pw = w.ex_fc2_w, pb = w.ex_fc2_b] {
+      gemm_wgrad("expert_fc2.wgrad", C, h, fe, El, x, d_out, V(ge, pw), opt(ge, pb), true);
+    });
+    const auto d_fc1 = act("expert_fc1.grad_out", R * fg, TensorClass::Temporary);
     elementwise(OpKind::Activation, D_.swiglu ? "expert_swiglu.bwd" : "expert_gelu.bwd", R, fe, D_.swiglu ? 8.0 : 14.0,
                 {d_act, A.fc1_out}, {d_fc1});
-    auto d_in = tensor("expert_fc1.grad_in", D_.e * R * h, TensorClass::Temporary);
-    gemm_dgrad("expert_fc1.dgrad", C, fg, h, El, d_fc1, WE(l), d_in);
-    wgrad([this, C, h, fg, El, x = A.expert_in, d_fc1, grad] { gemm_wgrad("expert_fc1.wgrad", C, fg, h, El, x, d_fc1, grad); });
+    auto d_in = act("expert_fc1.grad_in", R * h, TensorClass::Temporary);
+    gemm_dgrad("expert_fc1.dgrad", C, fg, h, El, d_fc1, V(we, w.ex_fc1_w), d_in, true);
+    wgrad([this, C, h, fg, El, x = A.expert_in, d_fc1, ge, pw = w.ex_fc1_w, pb = w.ex_fc1_b] {
+      gemm_wgrad("expert_fc1.wgrad", C, fg, h, El, x, d_fc1, V(ge, pw), opt(ge, pb), true);
+    });
     if (D_.ep > 1) {
-      const auto back = tensor("moe.grad_permuted", D_.e * R * h, TensorClass::Temporary);
+      const auto back = act("moe.grad_permuted", R * h, TensorClass::Temporary);
       comm(OpKind::AllToAll, GroupKind::EP, "moe.dispatch.bwd", D_.e * R * h, Stream::TensorComm, {d_in}, {back});
       d_in = back;
     }
-    const auto d_ln2 = tensor("ln2.grad_out", D_.e * tok * h, TensorClass::Temporary);
-    const auto d_logits = tensor("router.grad_logits", D_.e * tok * D_.E, TensorClass::Temporary);
-    elementwise(OpKind::Permute, "moe.permute.bwd", R, h, 0.0, {d_in}, {d_ln2});
-    elementwise(OpKind::Router, "router.topk.bwd", tok, D_.E, 6.0, {d_probs, A.probs}, {d_logits});
-    gemm("router.dgrad", tok, h, D_.E, 1, {d_logits, W(l, w.router), d_ln2}, {d_ln2});
+    const auto d_ln2 = act("ln2.grad_out", tok * h, TensorClass::Temporary);
+    const auto d_logits = act("router.grad_logits", tok * D_.E, TensorClass::Temporary);
+    elementwise(OpKind::Permute, "moe.permute.bwd", R, h, 0.0, {d_in, A.routing}, {d_ln2}, Variant::Dispatch);
+    elementwise(OpKind::Router, "router.topk.bwd", tok, D_.E, 6.0, {d_gate, A.probs, A.routing}, {d_logits});
+    gemm("router.dgrad", Variant::GemmInputGradAccumulate, tok, h, D_.E, 1, {d_logits, V(wt, w.router_w), d_ln2}, {d_ln2});
     const i64 E = D_.E;
-    wgrad([this, tok, h, E, x = A.ln2_out, d_logits] { gemm_wgrad("router.wgrad", tok, E, h, 1, x, d_logits, grad_repl_); });
+    wgrad([this, tok, h, E, x = A.ln2_out, d_logits, g, p = w.router_w] {
+      gemm_wgrad("router.wgrad", tok, E, h, 1, x, d_logits, V(g, p), std::nullopt);
+    });
     return d_ln2;
   }
 
   // ---- embedding and loss ----
   std::uint32_t embedding_forward() {
-    // Under ZeRO-3 one gathered buffer holds the word and position tables.
-    if (zero3())
-      emb_gathered_ = pos_emb_ ? gather_params("zero3.all_gather_embedding", emb_params_ + pos_params_, {*word_emb_, *pos_emb_})
-                               : gather_params("zero3.all_gather_embedding", emb_params_, {*word_emb_});
-    const auto emb = tensor("embedding.out", D_.e * D_.T * D_.h, TensorClass::Temporary);
-    const auto word = emb_gathered_ ? *emb_gathered_ : *word_emb_;
+    const std::uint32_t word = gather(word_buf_, "zero3.all_gather_embedding");
+    const std::optional<std::uint32_t> pos =
+        pos_buf_ >= 0 ? std::optional<std::uint32_t>(gather(pos_buf_, "zero3.all_gather_position")) : std::nullopt;
+    const auto emb = act("embedding.out", D_.T * D_.h, TensorClass::Temporary);
     Op op = make(OpKind::Embedding, "embedding");
     op.m = D_.T;
     op.n = D_.h;
     op.vector_flops = static_cast<double>(D_.T * D_.h);
-    op.bytes_read = D_.e * D_.T * D_.h * (pos_emb_ ? 2 : 1);
+    op.bytes_read = D_.e * D_.T * D_.h * (pos ? 2 : 1);
     op.bytes_written = D_.e * D_.T * D_.h;
-    if (pos_emb_ && !emb_gathered_)
-      emit(op, {word, *pos_emb_}, {emb});
+    const i64 word_count = buffer(word_buf_).count;
+    if (pos)
+      emit(op, {V(word, Part{0, word_count}), V(*pos, Part{0, buffer(pos_buf_).count})}, {emb});
     else
-      emit(op, {word}, {emb});
+      emit(op, {V(word, Part{0, word_count})}, {emb});
     auto x = tp_reduce("embedding.tp_reduce", emb);  // vocab-parallel lookup: partial rows
     if (D_.hidden_dropout) {
-      emb_mask_[mb_] = tensor("embedding.dropout_mask", D_.Tres * D_.h,
-                              TensorClass::Activation);
-      const auto out = tensor("embedding.dropout_out", D_.e * D_.Tres * D_.h, TensorClass::Activation);
+      emb_mask_[mb_] = mask("embedding.dropout_mask", D_.Tres * D_.h, TensorClass::Activation);
+      const auto out = act("embedding.dropout_out", D_.Tres * D_.h, TensorClass::Activation);
       elementwise(OpKind::DropoutAdd, "embedding.dropout", D_.Tres, D_.h, 2.0, {x}, {out, emb_mask_[mb_]});
       x = out;
     }
-    emb_gathered_.reset();
     return x;
   }
 
   void embedding_backward(std::uint32_t dy) {
     if (D_.hidden_dropout) {
-      const auto d = tensor("embedding.dropout_grad", D_.e * D_.Tres * D_.h, TensorClass::Temporary);
+      const auto d = act("embedding.dropout_grad", D_.Tres * D_.h, TensorClass::Temporary);
       elementwise(OpKind::DropoutAdd, "embedding.dropout.bwd", D_.Tres, D_.h, 1.0, {dy, emb_mask_.at(mb_)}, {d});
       dy = d;
     }
@@ -768,87 +910,77 @@ class StageCompiler {
     // shared, and reduced by whichever of the two writes it last.
     const auto shared = shared_bucket_.find(mb_);
     const bool reduce_here = shared == shared_bucket_.end() || !split_w_;
-    const auto grad = shared != shared_bucket_.end() ? shared->second : zero_grad_target(grad_emb_, emb_params_);
+    const auto g = shared != shared_bucket_.end() ? shared->second : grad_target(word_buf_);
     if (shared != shared_bucket_.end()) shared_bucket_.erase(shared);
+    const std::optional<std::uint32_t> gpos = pos_buf_ >= 0 ? std::optional<std::uint32_t>(grad_target(pos_buf_)) : std::nullopt;
     Op op = make(OpKind::Embedding, "embedding.bwd");
     op.m = D_.T;
     op.n = D_.h;
     op.vector_flops = static_cast<double>(D_.T * D_.h);
     op.bytes_read = D_.e * D_.T * D_.h;
     op.bytes_written = D_.gb * D_.T * D_.h;
-    if (pos_emb_)
-      emit(op, {full, grad, grad_repl_}, {grad, grad_repl_});
+    if (gpos)
+      emit(op, {full}, {V(g, Part{0, buffer(word_buf_).count}), V(*gpos, Part{0, buffer(pos_buf_).count})});
     else
-      emit(op, {full, grad}, {grad});
-    if (reduce_here) reduce_zero_grad(grad, grad_emb_, emb_params_);
-  }
-
-  // Non-layer parameters under ZeRO-2/3 use transient full-size gradients, like layers do.
-  std::uint32_t zero_grad_target(std::uint32_t persistent, i64 params) {
-    if (P_.zero_stage < 2 || dp_group_ == 1 || params == 0) return persistent;
-    return tensor("grad.bucket", D_.gb * params, TensorClass::Gathered);
-  }
-  void reduce_zero_grad(std::uint32_t bucket, std::uint32_t persistent, i64 params) {
-    if (bucket == persistent) return;
-    grad_comm(OpKind::ReduceScatter, GroupKind::DP, "grad.reduce_scatter", params, Stream::DataComm, {bucket, persistent},
-         {persistent});
-  }
-
-  std::uint32_t gather_params(std::string_view nm, i64 params, std::initializer_list<std::uint32_t> shards) {
-    const auto g = tensor("zero3.gathered", D_.e * params, TensorClass::Gathered);
-    comm(OpKind::AllGather, GroupKind::DP, nm, D_.e * params, Stream::DataComm, shards, {g});
-    return g;
+      emit(op, {full}, {V(g, Part{0, buffer(word_buf_).count})});
+    if (reduce_here) reduce_grads(word_buf_, false);
+    if (gpos) reduce_grads(pos_buf_, false);
   }
 
   struct LossActs {
-    std::uint32_t x = 0, lnf_out = 0, softmax = 0, stats = 0;
+    std::uint32_t x = 0, lnf_out = 0, logits = 0, stats = 0;
   };
 
   LossActs loss_forward(std::uint32_t x) {
     LossActs L;
     L.x = x;
-    const i64 out_params = out_params_ > 0 ? out_params_ : emb_params_;
-    // Under ZeRO-3 one gathered buffer holds the final norm and the output layer.
-    std::optional<std::uint32_t> gathered;
-    if (zero3()) gathered = gather_params("zero3.all_gather_output", out_params + final_norm_params_, {*out_w_, *final_norm_});
-    L.lnf_out = tensor("final_norm.out", D_.e * D_.Tres * D_.h, TensorClass::Activation);
-    elementwise(OpKind::Norm, "final_norm", D_.Tres, D_.h, D_.layernorm ? 8.0 : 5.0, {x, gathered ? *gathered : *final_norm_},
-                {L.lnf_out});
+    const std::uint32_t fw = gather(final_buf_, "zero3.all_gather_final_norm");
+    const std::uint32_t ow = gather(out_buf_, "zero3.all_gather_output");
+    L.lnf_out = act("final_norm.out", D_.Tres * D_.h, TensorClass::Activation);
+    norm_fwd("final_norm", x, fw, final_w_, final_b_, L.lnf_out);
     const auto in = sp_gather("final_norm.all_gather", L.lnf_out);
-    const auto logits = tensor("logits", D_.e * D_.T * D_.V_l, TensorClass::Temporary);
-    gemm_fwd("output", D_.T, D_.V_l, D_.h, 1, in, gathered ? *gathered : *out_w_, logits);
-    L.softmax = tensor("cross_entropy.softmax", 4 * D_.T * D_.V_l, TensorClass::Activation);
-    L.stats = tensor("cross_entropy.stats", 12 * D_.T, TensorClass::Activation);
-    elementwise(OpKind::CrossEntropy, "cross_entropy", D_.T, D_.V_l, 5.0, {logits}, {L.softmax, L.stats});
-    if (D_.tp > 1)  // max, sum of exponentials and target logit across the vocabulary shards
-      comm(OpKind::AllReduce, GroupKind::TP, "cross_entropy.all_reduce", 12 * D_.T, Stream::TensorComm, {L.stats}, {L.stats}, 0,
-           DType::F32);
+    const auto logits = act("logits", D_.T * D_.V_l, TensorClass::Temporary);
+    gemm("output", Variant::GemmForwardTransposed, D_.T, D_.V_l, D_.h, 1, {in, V(ow, Part{0, D_.V_l * D_.h})}, {logits});
+    // The fp32 logits are kept; the statistics are [row max | sum of exponentials | target logit].
+    L.logits = fp32("cross_entropy.logits", D_.T * D_.V_l, TensorClass::Activation);
+    L.stats = fp32("cross_entropy.stats", 3 * D_.T, TensorClass::Activation);
+    if (D_.tp == 1) {
+      elementwise(OpKind::CrossEntropy, "cross_entropy", D_.T, D_.V_l, 5.0, {logits}, {L.logits, L.stats});
+      return L;
+    }
+    // Megatron's vocab-parallel cross entropy: max-reduce the row maxima, then sum the partials.
+    const V max_part(L.stats, Part{0, D_.T}), sums(L.stats, Part{D_.T, 2 * D_.T});
+    elementwise(OpKind::CrossEntropy, "cross_entropy.max", D_.T, D_.V_l, 1.0, {logits}, {L.logits, max_part}, Variant::CrossEntropyMax);
+    comm(OpKind::AllReduce, GroupKind::TP, "cross_entropy.max_all_reduce", 4 * D_.T, Stream::TensorComm, {max_part}, {max_part}, 0,
+         DType::F32, Variant::ReduceMax);
+    elementwise(OpKind::CrossEntropy, "cross_entropy", D_.T, D_.V_l, 4.0, {L.logits, max_part}, {sums}, Variant::CrossEntropyPartials);
+    comm(OpKind::AllReduce, GroupKind::TP, "cross_entropy.all_reduce", 8 * D_.T, Stream::TensorComm, {sums}, {sums}, 0, DType::F32);
     return L;
   }
 
   std::uint32_t loss_backward(const LossActs& L) {
-    const i64 out_params = out_params_ > 0 ? out_params_ : emb_params_;
-    std::optional<std::uint32_t> gathered;
-    if (zero3()) gathered = gather_params("zero3.all_gather_output", out_params + final_norm_params_, {*out_w_, *final_norm_});
-    const auto w = gathered ? *gathered : *out_w_;
-    const auto d_logits = tensor("logits.grad", D_.e * D_.T * D_.V_l, TensorClass::Temporary);
-    elementwise(OpKind::CrossEntropy, "cross_entropy.bwd", D_.T, D_.V_l, 3.0, {L.softmax, L.stats}, {d_logits});
-    const auto d_in = tensor("final_norm.grad_out", D_.e * D_.T * D_.h, TensorClass::Temporary);
-    gemm_dgrad("output.dgrad", D_.T, D_.V_l, D_.h, 1, d_logits, w, d_in);
-    const auto grad = zero_grad_target(grad_out_, out_params);
-    const bool shared = out_params_ == 0 && grad != grad_out_;
-    if (shared) shared_bucket_[mb_] = grad;
+    const std::uint32_t fw = gather(final_buf_, "zero3.all_gather_final_norm");
+    const std::uint32_t ow = gather(out_buf_, "zero3.all_gather_output");
+    const auto d_logits = act("logits.grad", D_.T * D_.V_l, TensorClass::Temporary);
+    elementwise(OpKind::CrossEntropy, "cross_entropy.bwd", D_.T, D_.V_l, 3.0, {L.logits, L.stats}, {d_logits});
+    const auto d_in = act("final_norm.grad_out", D_.T * D_.h, TensorClass::Temporary);
+    const V w(ow, Part{0, D_.V_l * D_.h});
+    gemm("output.dgrad", Variant::GemmInputGradTransposed, D_.T, D_.h, D_.V_l, 1, {d_logits, w}, {d_in});
+    const auto g = grad_target(out_buf_);
+    const bool shared = out_buf_ == word_buf_ && buffer(out_buf_).grad_sharded;
+    if (shared) shared_bucket_[mb_] = g;
     const bool reduce_here = !shared || split_w_;
-    const i64 T = D_.T, V = D_.V_l, h = D_.h;
-    wgrad([this, T, V, h, lnf = L.lnf_out, d_logits, grad, out_params, reduce_here] {
+    const i64 T = D_.T, Vl = D_.V_l, h = D_.h;
+    wgrad([this, T, Vl, h, lnf = L.lnf_out, d_logits, g, reduce_here] {
       const auto x = sp_gather("final_norm.regather", lnf);
-      gemm_wgrad("output.wgrad", T, V, h, 1, x, d_logits, grad);
-      if (reduce_here) reduce_zero_grad(grad, grad_out_, out_params);
+      gemm("output.wgrad", Variant::GemmWeightGradTransposed, Vl, h, T, 1, {x, d_logits}, {V(g, Part{0, Vl * h})});
+      if (reduce_here) reduce_grads(out_buf_, false);
     });
-    const auto d_lnf = tp_reduce_grad("final_norm.grad_tp_reduce", d_in);
-    const auto dy = tensor("final_norm.grad_in", D_.e * D_.Tres * D_.h, TensorClass::Temporary);
-    elementwise(OpKind::Norm, "final_norm.bwd", D_.Tres, D_.h, D_.layernorm ? 12.0 : 8.0,
-                {d_lnf, L.x, gathered ? w : *final_norm_, grad_repl_}, {dy, grad_repl_});
+    const auto d_lnf = tp_reduce("final_norm.grad_tp_reduce", d_in);
+    const auto dy = act("final_norm.grad_in", D_.Tres * D_.h, TensorClass::Temporary);
+    const auto gf = grad_target(final_buf_);
+    norm_bwd("final_norm.bwd", d_lnf, L.x, fw, final_w_, std::nullopt, dy, gf, final_w_, final_b_);
+    reduce_grads(final_buf_, false);
     return dy;
   }
 
@@ -871,7 +1003,7 @@ class StageCompiler {
     if (first_chunk()) {
       x = embedding_forward();
     } else {
-      x = tensor("pipe.activation_in", pipe_bytes(), TensorClass::Received);
+      x = tensor("pipe.activation_in", pipe_bytes(), TensorClass::Received, D_.e);
       comm(OpKind::Recv, GroupKind::PP, "pipe.recv_forward", pipe_bytes(), Stream::PipeRecvPrev, {}, {x}, -1);
     }
     const auto order = chunk_layer_order(false);
@@ -880,7 +1012,6 @@ class StageCompiler {
       prefetch(order, i);
       LayerActs A = layer_forward(order[i], x);
       gathered_.erase(order[i]);
-      gathered_experts_.erase(order[i]);
       stash_[{mb_, order[i]}] = A;
       x = A.x_out;
     }
@@ -900,7 +1031,7 @@ class StageCompiler {
       dy = loss_backward(loss_.at(mb_));
       loss_.erase(mb_);
     } else {
-      dy = tensor("pipe.grad_in", pipe_bytes(), TensorClass::Received);
+      dy = tensor("pipe.grad_in", pipe_bytes(), TensorClass::Received, D_.e);
       comm(OpKind::Recv, GroupKind::PP, "pipe.recv_backward", pipe_bytes(), Stream::PipeRecvNext, {}, {dy}, 1);
     }
     const auto order = chunk_layer_order(true);
@@ -917,7 +1048,6 @@ class StageCompiler {
       }
       dy = layer_backward(l, A, dy);
       gathered_.erase(l);
-      gathered_experts_.erase(l);
       if (!split_w_) reduce_layer_grads(l, last_pass);
     }
     layer_ = kNone;
@@ -948,135 +1078,88 @@ class StageCompiler {
     layer_ = kNone;
     chunk_ = 0;
     const bool first = stage_ == 0, last = stage_ == p_ - 1;
-    // Tied word embeddings live on both pipeline ends; their gradients are summed across them.
+    // Tied word embeddings live on both pipeline ends; their gradients are summed across them
+    // (under ZeRO-2/3 both ends hold matching blocks of equal buffers, so the blocks are summed).
     if (M_.tied_embeddings && p_ > 1 && (first || last)) {
-      const auto g = first ? grad_emb_ : grad_out_;
-      // Under ZeRO-2/3 both ends hold matching shards of it, so the shard is what is summed.
-      comm(OpKind::AllReduce, GroupKind::Embedding, "embedding.grad_all_reduce", prog_.tensors[g].bytes, Stream::DataComm, {g},
-           {g}, 0, P_.grad_dtype);
+      const auto g = buffer(first ? word_buf_ : out_buf_).grad;
+      comm(OpKind::AllReduce, GroupKind::Embedding, "embedding.grad_all_reduce", prog_.tensors[g].bytes, Stream::DataComm, {g}, {g}, 0,
+           P_.grad_dtype);
     }
-    // Replicated parameters (norms, row-parallel biases, router) see different sequence shards
-    // on each TP rank under SP, so their gradients are summed across TP first.
-    if (D_.sp) grad_comm(OpKind::AllReduce, GroupKind::TP, "replicated.grad_all_reduce", repl_params_, Stream::TensorComm, {grad_repl_}, {grad_repl_});
-    if (dp_group_ > 1) {
-      auto reduce = [&](std::uint32_t g, i64 params) {
-        if (params == 0) return;
-        if (P_.zero_stage == 0)
-          grad_comm(OpKind::AllReduce, GroupKind::DP, "grad.all_reduce", params, Stream::DataComm, {g}, {g});
-        else if (P_.zero_stage == 1)
-          grad_comm(OpKind::ReduceScatter, GroupKind::DP, "grad.reduce_scatter", params, Stream::DataComm, {g}, {g});
-      };
-      if (first) reduce(grad_emb_, emb_params_);
-      if (last && out_params_ > 0) reduce(grad_out_, out_params_);
-      if (P_.zero_stage >= 2)
-        grad_comm(OpKind::ReduceScatter, GroupKind::DP, "grad.reduce_scatter", repl_params_, Stream::DataComm, {grad_repl_}, {grad_repl_});
-      else
-        reduce(grad_repl_, repl_params_);
-    }
-    // Global gradient norm for clipping: local sum of squares, summed over every group that
-    // holds a distinct part of the gradients.
-    const auto norm = tensor("grad_norm", 4, TensorClass::Temporary);
-    std::vector<std::uint32_t> all_grads;
-    for (auto& t : prog_.tensors)
-      if (t.cls == TensorClass::Gradient) all_grads.push_back(static_cast<std::uint32_t>(&t - prog_.tensors.data()));
+    std::vector<std::pair<int, std::uint32_t>> unsharded;
+    for (int b = 0; b < static_cast<int>(prog_.buffers.size()); ++b)
+      if (!buffer(b).grad_sharded) unsharded.emplace_back(b, buffer(b).grad);
+    replicated_tp_all_reduce(unsharded);
+    // Layers reduced their own gradients in backward; the stage's other buffers reduce here.
+    for (int b = 0; b < static_cast<int>(prog_.buffers.size()); ++b)
+      if (buffer(b).layer == kNone) reduce_grads(b, true);
+    // Global gradient norm for clipping: each rank sums the squares of the gradient elements it
+    // owns (each element has exactly one owner), and the sum runs over every rank.
+    const auto norm = fp32("grad_norm", 1, TensorClass::Temporary);
+    std::vector<std::uint32_t> grads;
+    for (const ParamBuffer& b : prog_.buffers) grads.push_back(b.grad);
     {
       Op op = make(OpKind::OptimizerStep, "grad_norm");
+      op.variant = Variant::GradNorm;
       op.vector_flops = 2.0 * static_cast<double>(local_params());
       op.bytes_read = grad_bytes();
-      const auto idx = emit(op, {}, {norm});
-      for (auto g : all_grads) add_read(idx, g);
+      const auto idx = emit(op, {}, {});
+      for (auto g : grads) add_use(idx, g, false);
+      add_use(idx, norm, true);
     }
     if (D_.tp > 1) comm(OpKind::AllReduce, GroupKind::TP, "grad_norm.all_reduce", 4, Stream::TensorComm, {norm}, {norm}, 0, DType::F32);
     if (p_ > 1) comm(OpKind::AllReduce, GroupKind::PP, "grad_norm.all_reduce", 4, Stream::DataComm, {norm}, {norm}, 0, DType::F32);
-    if (P_.zero_stage >= 1 && dp_group_ > 1)
+    if (dp_group_ > 1)
       comm(OpKind::AllReduce, GroupKind::DP, "grad_norm.all_reduce", 4, Stream::DataComm, {norm}, {norm}, 0, DType::F32);
     std::vector<std::uint32_t> weights;
-    for (auto& t : prog_.tensors)
-      if (t.cls == TensorClass::Weight) weights.push_back(static_cast<std::uint32_t>(&t - prog_.tensors.data()));
+    for (const ParamBuffer& b : prog_.buffers) weights.push_back(b.weight);
     if (P_.optimizer_offload) {
       // Gradients go to the host, AdamW runs there on the fp32 master copy, weights come back.
       Op d2h = make(OpKind::CopyD2H, "optimizer.grads_to_host", Stream::Memcpy);
       d2h.comm_bytes = grad_bytes();
       const auto d2h_idx = emit(d2h, {norm}, {});
-      for (auto g : all_grads) add_read(d2h_idx, g);
+      for (auto g : grads) add_use(d2h_idx, g, false);
       Op step = make(OpKind::OptimizerStep, "adamw", Stream::Host);
+      step.variant = Variant::AdamW;
       step.vector_flops = 16.0 * static_cast<double>(local_params());
       step.bytes_read = step.bytes_written = 16 * local_params();
       const auto step_idx = emit(step, {}, {}, {d2h_idx});
       Op h2d = make(OpKind::CopyH2D, "optimizer.weights_to_device", Stream::Memcpy);
       h2d.comm_bytes = weight_bytes();
       const auto h2d_idx = emit(h2d, {}, {}, {step_idx});
-      for (auto w : weights) add_write(h2d_idx, w);
+      for (auto w : weights) add_use(h2d_idx, w, true);
     } else {
       Op step = make(OpKind::OptimizerStep, "adamw");
+      step.variant = Variant::AdamW;
       step.vector_flops = 16.0 * static_cast<double>(local_params());
       step.bytes_read = grad_bytes() + prog_.tensors[*optimizer_].bytes;
       step.bytes_written = weight_bytes() + prog_.tensors[*optimizer_].bytes;
-      const auto idx = emit(step, {norm, *optimizer_}, {*optimizer_});
-      for (auto g : all_grads) add_read(idx, g);
-      for (auto w : weights) add_write(idx, w);
+      const auto idx = emit(step, {norm}, {});
+      for (auto g : grads) add_use(idx, g, false);
+      add_use(idx, *optimizer_, false);
+      for (auto w : weights) add_use(idx, w, true);
+      add_use(idx, *optimizer_, true);
     }
-    // ZeRO-1/2: every rank updated its shard; gather the updated weights back, layer by layer,
-    // then the stage's embedding, output and final-norm weights.
-    if (P_.zero_stage == 1 || P_.zero_stage == 2) {
-      if (dp_group_ > 1) {
-        for (auto& [l, w] : layers_) {
-          const auto idx = comm(OpKind::AllGather, GroupKind::DP, "weights.all_gather",
-                                D_.e * (w.params.sharded() + w.params.replicated()), Stream::DataComm, {}, {});
-          for (auto t : w.dense_weights()) add_write(idx, t);
-        }
-        const i64 rest = emb_params_ + pos_params_ + out_params_ + final_norm_params_;
-        if (rest > 0) {
-          const auto idx = comm(OpKind::AllGather, GroupKind::DP, "weights.all_gather", D_.e * rest, Stream::DataComm, {}, {});
-          for (const auto& t : {word_emb_, pos_emb_, final_norm_})
-            if (t) add_write(idx, *t);
-          if (out_w_ && out_w_ != word_emb_) add_write(idx, *out_w_);  // tied on one stage: the same tensor
-        }
-      }
-      if (edp_group_ > 1)
-        for (auto& [l, w] : layers_)
-          if (w.moe)
-            comm(OpKind::AllGather, GroupKind::ExpertDP, "weights.all_gather_experts", D_.e * w.params.expert,
-                 Stream::DataComm, {w.experts}, {w.experts});
-    }
-  }
-
-  // Appends a tensor use to the op just emitted (for ops that touch many tensors).
-  void add_read(std::uint32_t op_idx, std::uint32_t t) { add_use(op_idx, t, false); }
-  void add_write(std::uint32_t op_idx, std::uint32_t t) { add_use(op_idx, t, true); }
-  void add_use(std::uint32_t op_idx, std::uint32_t t, bool write) {
-    Op& op = prog_.ops[op_idx];
-    assert(op_idx + 1 == prog_.ops.size() && op.uses_end == prog_.uses.size());
-    const std::int32_t w = last_writer_[t];
-    if (w >= 0 && prog_.ops[static_cast<std::size_t>(w)].stream != op.stream) {
-      const auto u = static_cast<std::uint32_t>(w);
-      bool seen = false;
-      for (std::uint32_t i = op.deps_begin; i < op.deps_end; ++i) seen = seen || prog_.deps[i] == u;
-      if (!seen) {
-        assert(op.deps_end == prog_.deps.size());
-        prog_.deps.push_back(u);
-        ++op.deps_end;
-      }
-    }
-    prog_.uses.push_back({t, write});
-    ++op.uses_end;
-    prog_.tensors[t].last_op = std::max(prog_.tensors[t].last_op, op_idx);
-    if (write) last_writer_[t] = static_cast<std::int32_t>(op_idx);
+    // ZeRO-1/2: every rank updated its block of each buffer; gather the updated weights back.
+    if (P_.zero_stage == 1 || P_.zero_stage == 2)
+      for (const ParamBuffer& b : prog_.buffers)
+        if (b.optimizer_sharded)
+          comm(OpKind::AllGather, b.shard_group, b.shard_group == GroupKind::DP ? "weights.all_gather" : "weights.all_gather_experts",
+               D_.e * b.padded, Stream::DataComm, {}, {b.weight});
   }
 
   i64 local_params() const {
-    return shard(dense_params_, dp_group_, 1) + shard(expert_params_, edp_group_, 1);
+    i64 s = 0;
+    for (const ParamBuffer& b : prog_.buffers) s += b.optimizer_sharded ? b.padded / group_size(b.shard_group) : b.padded;
+    return s;
   }
   i64 grad_bytes() const {
     i64 s = 0;
-    for (const auto& t : prog_.tensors)
-      if (t.cls == TensorClass::Gradient) s += t.bytes;
+    for (const ParamBuffer& b : prog_.buffers) s += prog_.tensors[b.grad].bytes;
     return s;
   }
   i64 weight_bytes() const {
     i64 s = 0;
-    for (const auto& t : prog_.tensors)
-      if (t.cls == TensorClass::Weight) s += t.bytes;
+    for (const ParamBuffer& b : prog_.buffers) s += prog_.tensors[b.weight].bytes;
     return s;
   }
 
@@ -1092,6 +1175,12 @@ class StageCompiler {
   Program prog_;
   std::unordered_map<std::string, std::uint32_t> name_ids_;
   std::vector<std::int32_t> last_writer_;
+  std::vector<i64> elem_bytes_;
+
+  std::vector<LogicalParam> params_;
+  ParamDims dims_;
+  std::unordered_map<std::string, std::uint32_t> param_index_;
+  i64 optimizer_elements_ = 0;
 
   // emission context
   Phase phase_ = Phase::Forward;
@@ -1100,18 +1189,16 @@ class StageCompiler {
   int chunk_ = 0;
 
   std::map<int, LayerWeights> layers_;
-  std::optional<std::uint32_t> word_emb_, pos_emb_, final_norm_, out_w_, optimizer_;
-  std::uint32_t grad_emb_ = 0, grad_out_ = 0, grad_repl_ = 0;
-  i64 emb_params_ = 0, out_params_ = 0, repl_params_ = 0, dense_params_ = 0, expert_params_ = 0;
-  i64 pos_params_ = 0, final_norm_params_ = 0;
+  int word_buf_ = -1, pos_buf_ = -1, final_buf_ = -1, out_buf_ = -1;
+  Part final_w_, final_b_;
+  std::optional<std::uint32_t> optimizer_;
 
   std::map<std::pair<int, int>, LayerActs> stash_;  // (micro-batch, layer) -> saved activations
   std::map<int, LossActs> loss_;
   std::map<int, std::uint32_t> emb_mask_;
-  std::map<int, std::uint32_t> gathered_, gathered_experts_;
-  std::optional<std::uint32_t> emb_gathered_;
+  std::map<int, Gathered> gathered_;
   std::map<int, std::uint32_t> shared_bucket_;  // micro-batch -> tied-embedding gradient bucket
-  std::map<int, std::optional<std::uint32_t>> grad_bucket_, grad_bucket_expert_;
+  std::map<int, std::optional<std::uint32_t>> bucket_;  // buffer -> its open ZeRO-2/3 gradient bucket
   struct DeferredW {
     std::int32_t layer;
     int chunk;

@@ -30,6 +30,7 @@ std::string_view to_string(OpKind k) {
     case OpKind::Router: return "router";
     case OpKind::Permute: return "permute";
     case OpKind::CrossEntropy: return "cross_entropy";
+    case OpKind::Copy: return "copy";
     case OpKind::OptimizerStep: return "optimizer_step";
     case OpKind::AllReduce: return "all_reduce";
     case OpKind::ReduceScatter: return "reduce_scatter";

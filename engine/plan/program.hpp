@@ -25,6 +25,7 @@ enum class OpKind : std::uint8_t {
   Router,         // MoE gate: logits, softmax, top-k, capacity
   Permute,        // MoE token permutation into per-expert order (and back)
   CrossEntropy,   // vocab-parallel softmax cross-entropy
+  Copy,           // a strided copy on the device (packing keys and values for the CP ring)
   OptimizerStep,  // AdamW with gradient clipping on this rank's (shard of) parameters
   // communication
   AllReduce,
@@ -110,9 +111,47 @@ struct Tensor {
   TensorClass cls = TensorClass::Temporary;
 };
 
+// An operand: `bytes` bytes of a tensor from byte `offset` (the whole tensor unless the op reads
+// or writes one part of it, e.g. one weight of a layer's flat parameter buffer).
 struct TensorUse {
   std::uint32_t tensor = 0;
   bool write = false;
+  std::int64_t offset = 0;
+  std::int64_t bytes = 0;
+};
+
+// What an op computes, where its kind alone does not say (see engine/plan/README.md, "Operands").
+enum class Variant : std::uint8_t {
+  Plain = 0,
+  // Gemm. "Transposed" weights are stored [n x k] (the output layer reuses the [vocab x h]
+  // embedding table): forward y = x w^T, input gradient dx = dy w, weight gradient dw += dy^T x.
+  GemmForward = 0,
+  GemmInputGrad,
+  GemmInputGradAccumulate,  // dx += dy w^T (the router's share of the MoE block's input gradient)
+  GemmWeightGrad,
+  GemmForwardTransposed,
+  GemmInputGradTransposed,
+  GemmWeightGradTransposed,
+  // Grouped expert GEMMs: the x rows are [ep][E/ep][slots] (as the all-to-all delivers them) and
+  // the weights are stacked over the rank's E/ep experts.
+  GemmGroupedForward,
+  GemmGroupedInputGrad,
+  GemmGroupedWeightGrad,
+  // AllReduce
+  ReduceMax = 16,
+  // CrossEntropy forward under tensor parallelism: row maxima first, partial sums after their
+  // max-reduce.
+  CrossEntropyMax = 20,
+  CrossEntropyPartials,
+  // Copy
+  PackKeyValues = 24,  // K and V columns of a qkv tensor -> rows [K | V]
+  AddKeyValueGrads,    // rows [dK | dV] added into the K and V columns of a qkv gradient
+  // OptimizerStep
+  GradNorm = 28,
+  AdamW,
+  // Permute
+  Dispatch = 32,  // tokens -> expert-major slots (forward), and its backward
+  Combine,        // expert slots -> gate-weighted tokens (forward), and its backward
 };
 
 inline constexpr std::int32_t kNone = -1;
@@ -125,6 +164,8 @@ struct Op {
   std::int8_t peer = 0;       // Send/Recv/RingExchange: +1 next, -1 previous member of the group's ring
   DType dtype = DType::BF16;
   std::uint8_t chunk = 0;     // virtual pipeline chunk
+  Variant variant = Variant::Plain;
+  std::uint8_t step = 0;      // AttentionCore: ring step (0: the rank's own key/value block)
   std::uint32_t name = 0;     // index into Program::names, e.g. "qkv"
   std::int32_t layer = kNone;        // global transformer layer index
   std::int32_t micro_batch = kNone;
@@ -144,10 +185,35 @@ struct Op {
   std::uint32_t uses_begin = 0, uses_end = 0;  // into Program::uses
 };
 
+// One logical parameter (engine/spec/parameters.hpp) inside a parameter buffer.
+struct ParamSlot {
+  std::uint32_t param = 0;   // index into model_parameters()
+  std::int64_t offset = 0;   // elements from the buffer's start
+  std::int64_t count = 0;    // elements this rank holds (its tensor-parallel shard)
+};
+
+// A flat parameter buffer (Megatron-Core's DDP buffers, FSDP's FlatParameter): the weights of a
+// layer (or of its experts, the embedding, the head), their gradients and optimizer states all
+// share its layout. ZeRO shards it into `shard_group`-many equal contiguous blocks.
+struct ParamBuffer {
+  std::string name;               // "layers.3", "layers.3.experts", "word_embedding", ...
+  std::int32_t layer = kNone;
+  GroupKind shard_group = GroupKind::DP;
+  std::int64_t count = 0;         // elements (this rank's tensor-parallel shards of every slot)
+  std::int64_t padded = 0;        // count rounded up to a multiple of the shard group's size
+  std::uint32_t weight = 0;       // tensor: the whole padded buffer, or its block under ZeRO-3
+  std::uint32_t grad = 0;         // tensor: the whole padded buffer, or its block under ZeRO-2/3
+  std::int64_t optimizer_offset = 0;  // elements into optimizer.state (or the host copy)
+  bool weight_sharded = false, grad_sharded = false, optimizer_sharded = false;
+  std::vector<ParamSlot> slots;
+};
+
 // The program of one rank role (a pipeline stage); every rank of that role runs it, bound to its
 // own process groups.
 struct Program {
   int pp_stage = 0;
+  std::vector<ParamBuffer> buffers;
+  std::int64_t optimizer_elements = 0;  // per owned parameter element: m and v (and fp32 master)
   std::vector<Op> ops;
   std::vector<std::uint32_t> deps;
   std::vector<TensorUse> uses;

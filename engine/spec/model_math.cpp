@@ -118,18 +118,17 @@ double layer_activation_bytes(const ModelSpec& m, const PlanSpec& plan, const Ac
   }
   const MoESpec& moe = *m.moe;
   const double local_tokens = s.tokens / s.tp;
-  // Switch/GShard capacity: each expert takes at most ceil(cf · tokens routed in the EP group ·
-  // top_k / E) tokens, and a rank serves E/ep experts. The guard keeps capacity_factor·tokens that
-  // lands a hair above an integer in binary from rounding up.
-  const double per_expert_exact = moe.capacity_factor * local_tokens * moe.top_k * plan.ep() / moe.num_experts;
-  const double per_expert = std::ceil(per_expert_exact - 1e-9 * std::max(1.0, per_expert_exact));
-  const double routed = per_expert * (moe.num_experts / plan.ep());
+  // Each expert keeps moe_slots_per_expert slots for every rank of the EP group; a rank serves
+  // E/ep experts, so it receives slots·E routed tokens.
+  const double routed = static_cast<double>(moe_slots_per_expert(m, plan)) * moe.num_experts;
   const double fe = moe.ffn_hidden_size;
   bytes += s.e * local_tokens * h;                 // router input
   bytes += 4.0 * local_tokens * moe.num_experts;   // router probabilities, fp32
+  bytes += 12.0 * local_tokens * moe.top_k;        // routing: expert, slot and gate per assignment
   bytes += s.e * routed * h;                       // expert fc1 input
   bytes += s.e * routed * fe * branches;           // expert activation input
   bytes += s.e * routed * fe;                      // expert fc2 input
+  bytes += s.e * routed * h;                       // expert output, for the gate gradients
   return bytes;
 }
 
@@ -149,6 +148,16 @@ bool is_moe_layer(const ModelSpec& model, int layer) {
   if (!model.is_moe()) return false;
   const int freq = std::max(1, model.moe->layer_freq);
   return (layer + 1) % freq == 0;
+}
+
+int moe_slots_per_expert(const ModelSpec& model, const PlanSpec& plan) {
+  const MoESpec& moe = *model.moe;
+  const double tokens = static_cast<double>(effective_seq_length(model, plan)) / plan.cp() * plan.micro_batch_size /
+                        (plan.sequence_parallel ? plan.tp() : 1);
+  // The guard keeps capacity_factor·tokens that lands a hair above an integer in binary from
+  // rounding up.
+  const double exact = moe.capacity_factor * tokens * moe.top_k / moe.num_experts;
+  return static_cast<int>(std::ceil(exact - 1e-9 * std::max(1.0, exact)));
 }
 
 int local_query_groups(int num_query_groups, int tp) { return std::max(1, num_query_groups / tp); }

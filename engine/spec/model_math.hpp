@@ -79,6 +79,11 @@ int effective_seq_length(const ModelSpec& model, const PlanSpec& plan);
 // Layer l (0-based) carries an MoE MLP when (l + 1) % layer_freq == 0.
 bool is_moe_layer(const ModelSpec& model, int layer);
 
+// MoE capacity, GShard-style per routing group (one rank's tokens of a micro-batch): each expert
+// keeps ceil(capacity_factor · T' · top_k / E) slots for the T' tokens of each rank, so an expert
+// receives slots · ep tokens from its expert-parallel group.
+int moe_slots_per_expert(const ModelSpec& model, const PlanSpec& plan);
+
 // Key/value heads held by one tensor-parallel rank: g/tp, or 1 (replicated) when g < tp.
 int local_query_groups(int num_query_groups, int tp);
 
@@ -114,8 +119,9 @@ RankParams rank_parameters(const ModelSpec& model, const PlanSpec& plan, int pp_
 //   output e·(a/t)·T·s); output-projection input e·T·a·d/t; hidden_dropout > 0 → two masks 1·T·h (/t);
 //   fc1 input e·T·h (/t); activation input e·T·f·(2 swiglu | 1 gelu)/t; fc2 input e·T·f/t.
 //   MoE layer: attention part and first dropout mask as above, then with T' = T/t and
-//   R = (E/ep)·ceil(capacity_factor·T'·top_k·ep/E) (per-expert capacity, Switch/GShard): router input e·T'·h, router probabilities 4·T'·E, expert fc1
-//   input e·R·h, activation input e·R·f_e·(2|1), fc2 input e·R·f_e.
+//   R = E·ceil(capacity_factor·T'·top_k/E) (moe_slots_per_expert): router input e·T'·h, router
+//   probabilities 4·T'·E, routing 12·T'·top_k, expert fc1 input e·R·h, activation input
+//   e·R·f_e·(2|1), fc2 input e·R·f_e, expert output e·R·h (the combine's backward needs it).
 //   Selective recompute drops the attention-core terms. Full recompute keeps per layer only its input
 //   e·T·h (/t), plus once per stage the largest layer's full activations (the layer being recomputed).
 //   Extras: first stage embedding dropout mask 1·T·h (/t) when hidden_dropout > 0; last stage final

@@ -360,14 +360,14 @@ TEST(Activations, MoELayerByHand) {
   p.sequence_parallel = true;
   // T = 64 tokens, t = 2. Attention part: norms 8,192; QKV input 4,096; Q 4,096; K+V (2 local
   // groups of 16) 8,192; flash stats 4·64·2 = 512; out-proj input 4,096 → 29,184.
-  // MoE: T' = 32, R = 64: router input 4,096; probabilities 512; fc1 input 8,192;
-  // SwiGLU input 8,192; fc2 input 4,096 → 25,088.
-  EXPECT_DOUBLE_EQ(training_memory(m, p, 1).activations, 29'184.0 + 25'088.0);
-  // Each routed token keeps 2·64 + 2·32·2 + 2·32 = 320 bytes.
+  // MoE: T' = 32, R = 64: router input 4,096; probabilities 512; routing 12·32·2 = 768; fc1 input
+  // 8,192; SwiGLU input 8,192; fc2 input 4,096; expert output 8,192 → 34,048.
+  EXPECT_DOUBLE_EQ(training_memory(m, p, 1).activations, 29'184.0 + 34'048.0);
+  // Each routed token keeps 2·64 + 2·32·2 + 2·32 + 2·64 = 448 bytes.
   m.moe->capacity_factor = 1.1;  // per expert ceil(1.1·32·2/4) = ceil(17.6) = 18; 4 experts: R = 72
-  EXPECT_DOUBLE_EQ(training_memory(m, p, 1).activations, 29'184.0 + 4'096 + 512 + 72 * 320.0);
+  EXPECT_DOUBLE_EQ(training_memory(m, p, 1).activations, 29'184.0 + 4'096 + 512 + 768 + 72 * 448.0);
   m.moe->capacity_factor = 1.25;  // R = 80 exactly
-  EXPECT_DOUBLE_EQ(training_memory(m, p, 1).activations, 29'184.0 + 4'096 + 512 + 80 * 320.0);
+  EXPECT_DOUBLE_EQ(training_memory(m, p, 1).activations, 29'184.0 + 4'096 + 512 + 768 + 80 * 448.0);
 }
 
 // ---------------------------------------------------------------------------------------------
