@@ -39,6 +39,8 @@ class Communicator {
   // Each start_* begins the operation and returns at once; buffers must stay untouched until the
   // handle finishes. The blocking forms below start and wait.
   virtual CommHandlePtr start_all_reduce(std::span<float> buf) = 0;
+  // Elementwise maximum instead of the sum (vocab-parallel cross entropy's row maxima).
+  virtual CommHandlePtr start_all_reduce_max(std::span<float> buf) = 0;
   // `in` holds size() blocks of out.size(); block i of the sum lands on member i.
   virtual CommHandlePtr start_reduce_scatter(std::span<const float> in, std::span<float> out) = 0;
   // Every member's `in` lands at block rank() of `out` (size() blocks of in.size()).

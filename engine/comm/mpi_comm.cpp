@@ -101,6 +101,11 @@ class MpiCommunicator final : public Communicator {
     PX_MPI_CHECK(MPI_Iallreduce(MPI_IN_PLACE, buf.data(), as_int(buf.size()), MPI_FLOAT, MPI_SUM, comm_, h->request()));
     return h;
   }
+  CommHandlePtr start_all_reduce_max(std::span<float> buf) override {
+    auto h = handle("all_reduce_max");
+    PX_MPI_CHECK(MPI_Iallreduce(MPI_IN_PLACE, buf.data(), as_int(buf.size()), MPI_FLOAT, MPI_MAX, comm_, h->request()));
+    return h;
+  }
   CommHandlePtr start_reduce_scatter(std::span<const float> in, std::span<float> out) override {
     assert(in.size() == out.size() * static_cast<std::size_t>(size_));
     auto h = handle("reduce_scatter");

@@ -79,12 +79,20 @@ std::vector<OpTiming> Executor::run_iteration() {
 std::vector<OpTiming> Executor::run_ops() {
   timings_.assign(program_.ops.size(), {});
   if (heartbeat_) heartbeat_->beat(iteration_, 0, true);  // every iteration's start is on record
+  // Gradients accumulate over the iteration's micro-batches, from zero.
+  for (std::uint32_t t = 0; t < program_.tensors.size(); ++t)
+    if (program_.tensors[t].cls == TensorClass::Gradient) std::memset(arena_.bytes(t).data(), 0, arena_.bytes(t).size());
   for (std::uint32_t i = 0; i < program_.ops.size(); ++i) {
     const Op& op = program_.ops[i];
     current_op_ = i;
     if (heartbeat_) heartbeat_->beat(iteration_, i);
     for (auto d : program_.deps_of(op)) wait_for(d);
     wait_overlapping(i);
+    // A tensor starts zeroed at the op that first writes it: accumulating kernels need no special
+    // first call, and reused arena bytes never leak into a new tensor.
+    for (const TensorUse& u : program_.uses_of(op))
+      if (u.write && program_.tensors[u.tensor].first_op == i && !is_persistent(program_.tensors[u.tensor].cls))
+        std::memset(arena_.bytes(u.tensor).data(), 0, arena_.bytes(u.tensor).size());
     if (is_comm(op.kind)) {
       timings_[i].start = now();
       post(i);
@@ -134,7 +142,7 @@ void Executor::wait_overlapping(std::uint32_t index) {
   const Op& op = program_.ops[index];
   for (const TensorUse& u : program_.uses_of(op)) {
     if (!u.write) continue;
-    const std::pair<std::int64_t, std::int64_t> w{arena_.offset(u.tensor), arena_.offset(u.tensor) + program_.tensors[u.tensor].bytes};
+    const std::pair<std::int64_t, std::int64_t> w{arena_.offset(u.tensor), arena_.offset(u.tensor) + program_.tensors[u.tensor].bytes};  // the whole tensor: it may be zeroed
     for (std::size_t f = 0; f < in_flight_.size();) {
       const bool hit = std::any_of(in_flight_[f].ranges.begin(), in_flight_[f].ranges.end(), [&](auto r) { return overlaps(r, w); });
       if (hit && in_flight_[f].op != index) {
@@ -147,14 +155,17 @@ void Executor::wait_overlapping(std::uint32_t index) {
 }
 
 void Executor::finish(InFlight& f) {
+  const auto& src = f.staging.back();
   for (const auto& u : f.unpack) {
-    auto dst = arena_.floats(u.tensor);
-    const auto& src = f.staging.back();
-    if (u.to >= dst.size() || u.from >= src.size()) continue;
-    std::copy_n(src.begin() + static_cast<std::ptrdiff_t>(u.from), std::min(dst.size() - u.to, src.size() - u.from),
-                dst.begin() + static_cast<std::ptrdiff_t>(u.to));
+    float* dst = view_of(u.use).data();
+    for (std::size_t i = 0; i < u.count; ++i) dst[i] = u.accumulate ? dst[i] + src[u.from + i] : src[u.from + i];
   }
   timings_[f.op].end = now();
+}
+
+std::span<float> Executor::view_of(const TensorUse& u) {
+  const auto b = arena_.bytes(u.tensor).subspan(static_cast<std::size_t>(u.offset), static_cast<std::size_t>(u.bytes));
+  return {reinterpret_cast<float*>(b.data()), b.size() / sizeof(float)};
 }
 
 void Executor::post(std::uint32_t index) {
@@ -162,87 +173,95 @@ void Executor::post(std::uint32_t index) {
   Communicator& c = *groups_[static_cast<std::size_t>(op.group)];
   const auto elems = static_cast<std::size_t>(op.comm_bytes) / sizeof(float);
   const auto n = static_cast<std::size_t>(c.size());
-  std::vector<std::uint32_t> reads, writes;
+  std::vector<TensorUse> reads, writes;
   InFlight f{index, {}, {}, {}, {}};
   f.staging.reserve(2);  // spans into staging buffers must survive later push_backs
   for (const TensorUse& u : program_.uses_of(op)) {
-    (u.write ? writes : reads).push_back(u.tensor);
-    f.ranges.emplace_back(arena_.offset(u.tensor), arena_.offset(u.tensor) + program_.tensors[u.tensor].bytes);
+    (u.write ? writes : reads).push_back(u);
+    f.ranges.emplace_back(arena_.offset(u.tensor) + u.offset, arena_.offset(u.tensor) + u.offset + u.bytes);
   }
-  auto floats = [&](std::uint32_t t) { return arena_.floats(t); };
-  // Concatenation of tensors, resized to `size` elements.
-  auto pack = [&](const std::vector<std::uint32_t>& ts, std::size_t size) {
+  // Concatenation of views.
+  auto pack = [&](const std::vector<TensorUse>& us) {
     std::vector<float> buf;
-    for (auto t : ts) buf.insert(buf.end(), floats(t).begin(), floats(t).end());
-    buf.resize(size);
+    for (const auto& u : us) buf.insert(buf.end(), view_of(u).begin(), view_of(u).end());
     return buf;
   };
-  // An output staging buffer whose consecutive parts go back to `ts` when the op ends.
-  auto output_to = [&](const std::vector<std::uint32_t>& ts, std::vector<float> buf) -> std::span<float> {
+  // An output staging buffer whose consecutive parts go back to `us` when the op ends.
+  auto output_to = [&](const std::vector<TensorUse>& us, std::size_t size, bool accumulate = false) -> std::span<float> {
     std::size_t offset = 0;
-    for (auto t : ts) {
-      f.unpack.push_back({t, offset, 0});
-      offset += floats(t).size();
+    for (const auto& u : us) {
+      const std::size_t count = view_of(u).size();
+      f.unpack.push_back({u, offset, count, accumulate});
+      offset += count;
     }
-    f.staging.push_back(std::move(buf));
+    assert(offset == size);
+    f.staging.emplace_back(size, 0.0f);
     return f.staging.back();
   };
-  auto single = [&](const std::vector<std::uint32_t>& ts, std::size_t size) { return ts.size() == 1 && floats(ts[0]).size() == size; };
+  auto single = [&](const std::vector<TensorUse>& us) { return us.size() == 1 && view_of(us[0]).size() == elems; };
   const std::size_t me = static_cast<std::size_t>(c.rank());
   const int peer = (c.rank() + c.size() + op.peer) % c.size();  // Send/Recv/ring: the member op.peer places on
   const int prev = (c.rank() + c.size() - 1) % c.size();
 
   switch (op.kind) {
-    case OpKind::AllReduce:
-      if (single(writes, elems)) {
-        f.handles.push_back(c.start_all_reduce(floats(writes[0])));
+    case OpKind::AllReduce: {
+      const bool max = op.variant == Variant::ReduceMax;
+      std::span<float> buf;
+      if (single(writes)) {
+        buf = view_of(writes[0]);
       } else {
-        f.handles.push_back(c.start_all_reduce(output_to(writes, pack(writes, elems))));
+        buf = output_to(writes, elems);
+        const auto packed = pack(writes);
+        std::copy(packed.begin(), packed.end(), buf.begin());
       }
+      f.handles.push_back(max ? c.start_all_reduce_max(buf) : c.start_all_reduce(buf));
       break;
+    }
     case OpKind::AllGather: {
       const std::size_t block = elems / n;
-      // The local block: the shards it reads, or (weights gathered back in place) its own slice.
+      // The local block: the shard it reads, or (weights gathered back in place) its own block.
       std::vector<float> mine;
       if (reads.empty()) {
-        const auto all = pack(writes, elems);
+        const auto all = pack(writes);
         mine.assign(all.begin() + static_cast<std::ptrdiff_t>(me * block), all.begin() + static_cast<std::ptrdiff_t>((me + 1) * block));
       } else {
-        mine = pack(reads, block);
+        mine = pack(reads);
+        mine.resize(block);
       }
       f.staging.push_back(std::move(mine));
       const std::span<const float> in = f.staging.back();
-      if (single(writes, elems))
-        f.handles.push_back(c.start_all_gather(in, floats(writes[0])));
+      if (single(writes))
+        f.handles.push_back(c.start_all_gather(in, view_of(writes[0])));
       else
-        f.handles.push_back(c.start_all_gather(in, output_to(writes, std::vector<float>(elems))));
+        f.handles.push_back(c.start_all_gather(in, output_to(writes, elems)));
       break;
     }
     case OpKind::ReduceScatter: {
+      // Input: the largest view it reads; output: its write. When the output is also read (a
+      // ZeRO-2/3 gradient shard over micro-batches), the result adds to it.
       const std::size_t block = elems / n;
-      std::uint32_t input = reads.front();
-      for (auto t : reads)
-        if (program_.tensors[t].bytes > program_.tensors[input].bytes) input = t;
-      std::span<const float> in = floats(input);
-      if (in.size() != elems) {
-        f.staging.push_back(pack({input}, elems));
+      const TensorUse* input = &reads.front();
+      for (const auto& u : reads)
+        if (u.bytes > input->bytes) input = &u;
+      std::span<const float> in = view_of(*input);
+      const TensorUse out = writes.front();
+      const bool in_place = out.tensor == input->tensor;
+      const bool accumulate = !in_place && std::any_of(reads.begin(), reads.end(), [&](const TensorUse& u) { return u.tensor == out.tensor; });
+      if (in_place) {
+        // ZeRO-1's full-size buffer: the rank's block of the sum lands in its own slice.
+        TensorUse slice = out;
+        slice.offset += static_cast<std::int64_t>(me * block * sizeof(float));
+        slice.bytes = static_cast<std::int64_t>(block * sizeof(float));
+        f.staging.push_back(std::vector<float>(in.begin(), in.end()));
         in = f.staging.back();
-      }
-      const std::uint32_t output = writes.front();
-      if (output == input) {
-        // In place (ZeRO-1's full-size buffer): the rank's block of the sum lands in its own slice.
-        f.staging.emplace_back(block, 0.0f);
-        f.unpack.push_back({output, 0, me * block});
-        f.handles.push_back(c.start_reduce_scatter(in, f.staging.back()));
-      } else if (floats(output).size() >= block) {
-        f.handles.push_back(c.start_reduce_scatter(in, floats(output).first(block)));
+        f.handles.push_back(c.start_reduce_scatter(in, output_to({slice}, block)));
       } else {
-        f.handles.push_back(c.start_reduce_scatter(in, output_to({output}, std::vector<float>(block))));
+        f.handles.push_back(c.start_reduce_scatter(in, output_to({out}, block, accumulate)));
       }
       break;
     }
     case OpKind::AllToAll:
-      f.handles.push_back(c.start_all_to_all(floats(reads.front()).first(elems), floats(writes.front()).first(elems)));
+      f.handles.push_back(c.start_all_to_all(view_of(reads.front()), view_of(writes.front())));
       break;
     // Tags keep the message streams apart: with two pipeline stages "next" and "previous" are the
     // same rank, and activations and gradients must not match each other's receives.
@@ -250,17 +269,18 @@ void Executor::post(std::uint32_t index) {
     // sender never waits for its receiver to reach the matching receive (which may be waiting for
     // this rank further down its program).
     case OpKind::Send:
-      f.staging.push_back(pack({reads.front()}, elems));
+      f.staging.push_back(pack({reads.front()}));
       f.ranges.clear();
       f.handles.push_back(c.start_send(f.staging.back(), peer, op.peer > 0 ? kForwardTag : kBackwardTag));
       break;
     case OpKind::Recv:
-      f.handles.push_back(c.start_recv(floats(writes.front()).first(elems), peer, op.peer < 0 ? kForwardTag : kBackwardTag));
+      f.handles.push_back(c.start_recv(view_of(writes.front()), peer, op.peer < 0 ? kForwardTag : kBackwardTag));
       break;
     case OpKind::RingExchange:
-      f.staging.push_back(pack({reads.front()}, elems));
-      f.ranges = {{arena_.offset(writes.front()), arena_.offset(writes.front()) + program_.tensors[writes.front()].bytes}};
-      f.handles.push_back(c.start_recv(floats(writes.front()).first(elems), prev, kRingTag));
+      f.staging.push_back(pack({reads.front()}));
+      f.ranges = {{arena_.offset(writes.front().tensor) + writes.front().offset,
+                   arena_.offset(writes.front().tensor) + writes.front().offset + writes.front().bytes}};
+      f.handles.push_back(c.start_recv(view_of(writes.front()), prev, kRingTag));
       f.handles.push_back(c.start_send(f.staging.back(), peer, kRingTag));
       break;
     default:

@@ -63,15 +63,17 @@ class Executor {
     std::vector<std::pair<std::int64_t, std::int64_t>> ranges;  // arena bytes it reads or writes
     std::vector<std::vector<float>> staging;  // packed buffers it owns; the last one is its output
     struct Unpack {
-      std::uint32_t tensor;
-      std::size_t from;  // offset in the output staging buffer
-      std::size_t to;    // offset in the tensor
+      TensorUse use;      // the view it fills
+      std::size_t from;   // offset in the output staging buffer
+      std::size_t count;  // elements
+      bool accumulate;    // add to the view instead of overwriting it
     };
     std::vector<Unpack> unpack;  // copies out of the output staging when it ends
   };
 
   std::vector<OpTiming> run_ops();
   void post(std::uint32_t index);
+  std::span<float> view_of(const TensorUse& u);
   void finish(InFlight& f);
   void wait_for(std::uint32_t op);
   void wait_overlapping(std::uint32_t index);

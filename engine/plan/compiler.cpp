@@ -466,7 +466,7 @@ class StageCompiler {
   std::uint32_t grad_target(int b) {
     const ParamBuffer& buf = buffer(b);
     if (!buf.grad_sharded) return buf.grad;
-    auto& slot = bucket_[b];
+    auto& slot = bucket_[{b, mb_}];
     if (!slot) slot = grad("grad.bucket", buf.padded, TensorClass::Gathered);
     return *slot;
   }
@@ -506,7 +506,7 @@ class StageCompiler {
     const ParamBuffer& buf = buffer(b);
     const int g = group_size(buf.shard_group);
     if (buf.grad_sharded) {
-      auto it = bucket_.find(b);
+      auto it = bucket_.find({b, mb_});
       if (it == bucket_.end() || !it->second) return;
       const std::uint32_t bucket = *it->second;
       replicated_tp_all_reduce({{b, bucket}});
@@ -555,20 +555,20 @@ class StageCompiler {
 
   // Residual add after a branch: reads [branch, residual, (bias)], writes [out, (mask)]:
   // out = residual + dropout(branch + bias), Megatron's fused bias-dropout-add.
-  void residual_fwd(std::string_view nm, std::uint32_t branch, std::uint32_t residual, std::optional<V> bias, std::uint32_t out,
-                    std::optional<std::uint32_t> mask) {
+  void residual_fwd(std::string_view nm, Variant site, std::uint32_t branch, std::uint32_t residual, std::optional<V> bias,
+                    std::uint32_t out, std::optional<std::uint32_t> mask) {
     std::vector<V> reads = {branch, residual}, writes = {out};
     if (bias) reads.push_back(*bias);
     if (mask) writes.push_back(*mask);
-    elementwise(OpKind::DropoutAdd, nm, D_.Tres, D_.h, mask ? 3.0 : 1.0, reads, writes);
+    elementwise(OpKind::DropoutAdd, nm, D_.Tres, D_.h, mask ? 3.0 : 1.0, reads, writes, site);
   }
   // Its backward: reads [dy, (mask)], writes [d_branch, (dbias)]; the residual's gradient is dy.
-  void residual_bwd(std::string_view nm, std::uint32_t dy, std::optional<std::uint32_t> mask, std::uint32_t d_branch,
+  void residual_bwd(std::string_view nm, Variant site, std::uint32_t dy, std::optional<std::uint32_t> mask, std::uint32_t d_branch,
                     std::optional<V> dbias) {
     std::vector<V> reads = {dy}, writes = {d_branch};
     if (mask) reads.push_back(*mask);
     if (dbias) writes.push_back(*dbias);
-    elementwise(OpKind::DropoutAdd, nm, D_.Tres, D_.h, mask ? 2.0 : 0.0, reads, writes);
+    elementwise(OpKind::DropoutAdd, nm, D_.Tres, D_.h, mask ? 2.0 : 0.0, reads, writes, site);
   }
 
   LayerActs layer_forward(int l, std::uint32_t x_in) {
@@ -594,7 +594,7 @@ class StageCompiler {
     A.x_mid = act("residual1.out", D_.Tres * D_.h, cls);
     A.has_mask = D_.hidden_dropout;
     if (A.has_mask) A.mask1 = mask("dropout1.mask", D_.Tres * D_.h, cls);
-    residual_fwd(A.has_mask ? "dropout_add1" : "residual_add1", branch1, x_in, opt(wt, w.proj_b), A.x_mid,
+    residual_fwd(A.has_mask ? "dropout_add1" : "residual_add1", Variant::AttentionResidual, branch1, x_in, opt(wt, w.proj_b), A.x_mid,
                  A.has_mask ? std::optional<std::uint32_t>(A.mask1) : std::nullopt);
     // MLP block
     A.ln2_out = act("ln2.out", D_.Tres * D_.h, cls);
@@ -602,7 +602,7 @@ class StageCompiler {
     const auto branch2 = w.moe ? moe_forward(l, A, cls) : mlp_forward(l, A, cls);
     A.x_out = act("residual2.out", D_.Tres * D_.h, TensorClass::Activation);
     if (A.has_mask) A.mask2 = mask("dropout2.mask", D_.Tres * D_.h, cls);
-    residual_fwd(A.has_mask ? "dropout_add2" : "residual_add2", branch2, A.x_mid, w.moe ? std::nullopt : opt(wt, w.fc2_b), A.x_out,
+    residual_fwd(A.has_mask ? "dropout_add2" : "residual_add2", Variant::MlpResidual, branch2, A.x_mid, w.moe ? std::nullopt : opt(wt, w.fc2_b), A.x_out,
                  A.has_mask ? std::optional<std::uint32_t>(A.mask2) : std::nullopt);
     return A;
   }
@@ -738,14 +738,14 @@ class StageCompiler {
     const i64 res = D_.Tres * D_.h;
     // MLP block
     const auto d_branch2 = act("residual2.grad", res, TensorClass::Temporary);
-    residual_bwd(A.has_mask ? "dropout_add2.bwd" : "residual_add2.bwd", dy, A.has_mask ? std::optional<std::uint32_t>(A.mask2) : std::nullopt,
+    residual_bwd(A.has_mask ? "dropout_add2.bwd" : "residual_add2.bwd", Variant::MlpResidual, dy, A.has_mask ? std::optional<std::uint32_t>(A.mask2) : std::nullopt,
                  d_branch2, w.moe ? std::nullopt : opt(g, w.fc2_b));
     const auto d_ln2 = w.moe ? moe_backward(l, A, d_branch2) : mlp_backward(l, A, d_branch2);
     const auto dy_mid = act("residual1.grad", res, TensorClass::Temporary);
     norm_bwd("ln2.bwd", d_ln2, A.x_mid, wt, w.norm2_w, dy, dy_mid, g, w.norm2_w, w.norm2_b);
     // attention block
     const auto d_branch1 = act("proj.grad_out", res, TensorClass::Temporary);
-    residual_bwd(A.has_mask ? "dropout_add1.bwd" : "residual_add1.bwd", dy_mid,
+    residual_bwd(A.has_mask ? "dropout_add1.bwd" : "residual_add1.bwd", Variant::AttentionResidual, dy_mid,
                  A.has_mask ? std::optional<std::uint32_t>(A.mask1) : std::nullopt, d_branch1, opt(g, w.proj_b));
     const auto d_proj = sp_gather("proj.grad_all_gather", d_branch1);
     const auto d_attn = act("attention.out_grad", D_.T * D_.a_l * D_.d, TensorClass::Temporary);
@@ -892,7 +892,7 @@ class StageCompiler {
     if (D_.hidden_dropout) {
       emb_mask_[mb_] = mask("embedding.dropout_mask", D_.Tres * D_.h, TensorClass::Activation);
       const auto out = act("embedding.dropout_out", D_.Tres * D_.h, TensorClass::Activation);
-      elementwise(OpKind::DropoutAdd, "embedding.dropout", D_.Tres, D_.h, 2.0, {x}, {out, emb_mask_[mb_]});
+      elementwise(OpKind::DropoutAdd, "embedding.dropout", D_.Tres, D_.h, 2.0, {x}, {out, emb_mask_[mb_]}, Variant::EmbeddingDropout);
       x = out;
     }
     return x;
@@ -901,7 +901,7 @@ class StageCompiler {
   void embedding_backward(std::uint32_t dy) {
     if (D_.hidden_dropout) {
       const auto d = act("embedding.dropout_grad", D_.Tres * D_.h, TensorClass::Temporary);
-      elementwise(OpKind::DropoutAdd, "embedding.dropout.bwd", D_.Tres, D_.h, 1.0, {dy, emb_mask_.at(mb_)}, {d});
+      elementwise(OpKind::DropoutAdd, "embedding.dropout.bwd", D_.Tres, D_.h, 1.0, {dy, emb_mask_.at(mb_)}, {d}, Variant::EmbeddingDropout);
       dy = d;
     }
     // Backward of the forward's all-reduce is the identity; of its reduce-scatter, an all-gather.
@@ -1198,7 +1198,9 @@ class StageCompiler {
   std::map<int, std::uint32_t> emb_mask_;
   std::map<int, Gathered> gathered_;
   std::map<int, std::uint32_t> shared_bucket_;  // micro-batch -> tied-embedding gradient bucket
-  std::map<int, std::optional<std::uint32_t>> bucket_;  // buffer -> its open ZeRO-2/3 gradient bucket
+  // (buffer, micro-batch) -> its open ZeRO-2/3 gradient bucket; zero-bubble schedules run a
+  // micro-batch's B before an earlier one's W, so buckets of several micro-batches are open at once.
+  std::map<std::pair<int, int>, std::optional<std::uint32_t>> bucket_;
   struct DeferredW {
     std::int32_t layer;
     int chunk;

@@ -152,6 +152,10 @@ enum class Variant : std::uint8_t {
   // Permute
   Dispatch = 32,  // tokens -> expert-major slots (forward), and its backward
   Combine,        // expert slots -> gate-weighted tokens (forward), and its backward
+  // DropoutAdd: which dropout site (masks are keyed by it)
+  EmbeddingDropout = 36,
+  AttentionResidual,
+  MlpResidual,
 };
 
 inline constexpr std::int32_t kNone = -1;

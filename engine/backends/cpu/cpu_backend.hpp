@@ -1,0 +1,115 @@
+// The CPU backend of the executor: runs each compute and memory op of a rank's program on the
+// fp32 CPU kernels, reading exactly the operand views the plan compiler wrote (see "Operands" in
+// engine/plan/README.md). It owns what a rank holds outside the arena: its coordinates, its
+// share of the training data, the host copy of an offloaded optimizer, and the losses it saw.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "engine/backends/cpu/adamw.hpp"
+#include "engine/exec/executor.hpp"
+#include "engine/exec/token_data.hpp"
+#include "engine/spec/parameters.hpp"
+
+namespace px::cpu {
+
+struct TrainOptions {
+  std::uint64_t seed = 1234;      // weights and dropout
+  AdamWConfig adamw{};
+  double clip_grad = 1.0;         // global-norm clipping; <= 0: none
+  double moe_aux_coeff = 0.0;     // Switch load-balancing loss, per MoE layer
+  bool moe_renormalize = true;    // top-k gates renormalised to sum 1 (Mixtral)
+  double norm_eps = 1e-5;
+};
+
+// A rank's share of one iteration's loss: the summed cross-entropy of the tokens whose logits it
+// computed, and how many (tensor-parallel ranks of one replica see the same tokens).
+struct LossSum {
+  double sum = 0;
+  std::int64_t tokens = 0;
+};
+
+class CpuBackend final : public ComputeBackend {
+ public:
+  CpuBackend(const CompiledPlan& plan, int rank, const TokenSource& data, const TrainOptions& options);
+
+  // Writes the initial weights of this rank's shards (and the offloaded master copy).
+  void initialize(TensorArena& arena);
+  // Called by the driver before each iteration: which iteration's samples to fetch.
+  void begin_iteration(std::int64_t iteration);
+
+  void run(const Program& program, std::uint32_t index, TensorArena& arena) override;
+
+  const LossSum& loss() const { return loss_; }
+  double grad_norm() const { return grad_norm_; }
+  // True where this rank counts tokens for the job's loss (tensor-parallel rank 0 of the last stage).
+  bool reports_loss() const;
+
+  // The parameter elements (or their reduced gradients) this rank owns — each element of the
+  // model has exactly one owner across the job — written at their global indices into `out`
+  // (full-size logical tensors, created zero-filled when missing). Ownership writes 1 for each
+  // element owned, so a sum over the job must be 1 everywhere.
+  enum class Export { Weights, Gradients, Ownership };
+  void export_owned(TensorArena& arena, Export what, std::map<std::string, std::vector<double>>& out) const;
+
+  // Optimizer state (host copy under offload) for checkpoints: the rank's owned m, v (and master).
+  std::vector<float>& host_state() { return host_state_; }
+
+ private:
+  struct OwnedRange {
+    std::int64_t begin = 0, end = 0;  // buffer elements [begin, end) this rank updates
+  };
+  OwnedRange optimizer_range(const ParamBuffer& b) const;
+  bool counts_gradient(const ParamBuffer& b, const ParamSlot& s, std::int64_t element) const;
+  const LogicalParam& slot_param(const ParamBuffer& b, const ParamSlot& s) const;
+  int group_index(GroupKind g) const;
+
+  void fetch_micro_batch(std::int32_t micro_batch);
+  std::vector<std::uint64_t> dropout_keys(const Op& op, std::int64_t rows) const;
+
+  void embedding(const Op& op, TensorArena& arena);
+  void norm(const Op& op, TensorArena& arena);
+  void gemm(const Op& op, TensorArena& arena);
+  void rope(const Op& op, TensorArena& arena);
+  void attention(const Op& op, TensorArena& arena);
+  void copy(const Op& op, TensorArena& arena);
+  void activation(const Op& op, TensorArena& arena);
+  void dropout_add(const Op& op, TensorArena& arena);
+  void router(const Op& op, TensorArena& arena);
+  void permute(const Op& op, TensorArena& arena);
+  void cross_entropy(const Op& op, TensorArena& arena);
+  void grad_norm_op(TensorArena& arena);
+  void adamw(TensorArena& arena, bool on_host);
+  void copy_to_host(TensorArena& arena);
+  void copy_to_device(TensorArena& arena);
+  std::optional<std::uint32_t> optimizer_tensor() const;
+
+  const CompiledPlan& plan_;
+  const Program& program_;
+  int rank_;
+  RankCoord coord_;
+  const TokenSource& data_;
+  TrainOptions opt_;
+  std::vector<LogicalParam> params_;
+  ParamDims dims_;
+
+  // This rank's view of the current micro-batch: T rows, sequence-major.
+  std::int64_t iteration_ = 0;
+  std::int32_t micro_batch_ = -1;
+  std::vector<std::int32_t> tokens_, targets_, positions_;
+  std::vector<std::int64_t> samples_;  // global sample index of each sequence j
+
+  const Op* op_ = nullptr;
+  std::vector<float> scratch_;
+  std::vector<float> host_state_, host_grads_, host_weights_;  // offloaded optimizer
+  float host_norm_sq_ = 0;
+  LossSum loss_;
+  double grad_norm_ = 0;
+  std::int64_t step_ = 0;
+};
+
+}  // namespace px::cpu
