@@ -37,6 +37,8 @@ std::vector<std::string> keys(const Map& m) {
   return out;
 }
 
+}  // namespace
+
 void add_plan_flags(CLI::App* cmd, Options& o) {
   PlanFlags& f = o.plan;
   cmd->add_option("--model,-m", o.model, "Model name (datasets/models) or YAML path")->required();
@@ -63,6 +65,8 @@ void add_plan_flags(CLI::App* cmd, Options& o) {
   cmd->add_flag("--no-flash-attn", f.no_flash_attn, "Unfused attention (keeps s x s softmax for backward)");
   cmd->add_flag("--json", o.json, "Machine-readable output");
 }
+
+namespace {
 
 SpecCatalog catalog(const Options& o) {
   return SpecCatalog(o.datasets.empty() ? SpecCatalog::default_root() : std::filesystem::path(o.datasets));
@@ -110,27 +114,6 @@ std::string plan_string(const PlanSpec& p) {
   return s;
 }
 
-json plan_json(const PlanSpec& p) {
-  return {{"tensor_model_parallel_size", p.tp()},
-          {"pipeline_model_parallel_size", p.pp()},
-          {"context_parallel_size", p.cp()},
-          {"expert_model_parallel_size", p.ep()},
-          {"data_parallel_size", p.dp()},
-          {"micro_batch_size", p.micro_batch_size},
-          {"global_batch_size", p.global_batch_size},
-          {"num_micro_batches", p.num_micro_batches()},
-          {"virtual_pipeline_model_parallel_size", p.vp()},
-          {"seq_length", p.seq_length},
-          {"zero_stage", p.zero_stage},
-          {"pipeline_schedule", std::string(to_string(p.schedule))},
-          {"recompute", std::string(to_string(p.recompute))},
-          {"sequence_parallel", p.sequence_parallel},
-          {"optimizer_offload", p.optimizer_offload},
-          {"use_flash_attn", p.use_flash_attn},
-          {"precision", std::string(to_string(p.precision))},
-          {"grad_dtype", std::string(to_string(p.grad_dtype))},
-          {"world_size", p.world_size()}};
-}
 
 constexpr double kGiB = 1024.0 * 1024.0 * 1024.0;
 
@@ -220,7 +203,7 @@ Loaded load(const Options& o) {
 int plan_check(const Options& o) {
   const Loaded l = load(o);
   if (o.json) {
-    std::cout << json{{"valid", true}, {"model", l.model.name}, {"plan", plan_json(l.plan)}}.dump(2) << "\n";
+    std::cout << json{{"valid", true}, {"model", l.model.name}, {"plan", plan_to_json(l.plan)}}.dump(2) << "\n";
   } else {
     fmt::print("valid: {} on {} with {} ({} ranks, {} micro-batches of {}, {} schedule)\n", l.model.name,
                l.cluster ? l.cluster->name : std::string("any cluster"), plan_string(l.plan), l.plan.world_size(),
@@ -301,7 +284,7 @@ int plan_show(const Options& o) {
     }
     json j = {{"model", l.model.name},
               {"cluster", l.cluster ? json(l.cluster->name) : json(nullptr)},
-              {"plan", plan_json(l.plan)},
+              {"plan", plan_to_json(l.plan)},
               {"world_size", s.world_size},
               {"distinct_roles", s.roles.size()},
               {"ranks_bound", compiled.ranks.size()},
@@ -385,7 +368,10 @@ void register_commands(CLI::App& app, Options& o) {
   o.plan_show = plan->add_subcommand("show", "Compile a plan: per-role ops, FLOPs, comm volume, memory, schedule");
   add_plan_flags(o.plan_show, o);
   o.plan_show->add_option("--rank", o.rank, "Also show this rank's coordinates and process groups");
+  register_train(app, o);
 }
+
+PlanSpec plan_from_flags(const Options& o, const ModelSpec& model) { return build_plan(catalog(o), o.plan, model, nullptr); }
 
 int run(const CLI::App&, const Options& o) {
   if (o.model_info->parsed()) return model_info(o);

@@ -3,8 +3,11 @@
 
 #include <CLI/CLI.hpp>
 
+#include <cstdint>
 #include <optional>
 #include <string>
+
+#include "engine/spec/spec.hpp"
 
 namespace px::cli {
 
@@ -13,6 +16,19 @@ struct PlanFlags {
   std::optional<int> tp, pp, cp, ep, dp, micro_batch, global_batch, virtual_stages, layers_per_virtual_stage, seq_length, zero;
   std::string schedule, recompute, precision;
   bool sequence_parallel = false, offload = false, no_flash_attn = false;
+};
+
+struct TrainFlags {
+  int iterations = 10;
+  std::string data = "synthetic";
+  std::string out = "parallax-run";
+  std::string db;
+  std::string experiment = "train";
+  double lr = 1e-3, weight_decay = 0.1, clip_grad = 1.0, moe_aux_coeff = 0.0;
+  std::uint64_t seed = 1234;
+  int checkpoint_every = 0, trace_iterations = 1, log_every = 1;
+  double timeout_s = 60;
+  bool resume = false;
 };
 
 struct Options {
@@ -26,7 +42,18 @@ struct Options {
   CLI::App* cluster_list = nullptr;
   CLI::App* plan_check = nullptr;
   CLI::App* plan_show = nullptr;
+  TrainFlags train;
+  CLI::App* train_cmd = nullptr;
 };
+
+// Plan flags shared by every command that takes a plan.
+void add_plan_flags(CLI::App* cmd, Options& o);
+// The resolved plan the flags describe (engine/cli/commands.cpp).
+PlanSpec plan_from_flags(const Options& o, const ModelSpec& model);
+
+// `parallax train` (engine/cli/train_command.cpp).
+void register_train(CLI::App& app, Options& o);
+int train(const Options& o, int* argc, char*** argv);
 
 void register_commands(CLI::App& app, Options& opts);
 int run(const CLI::App& app, const Options& opts);

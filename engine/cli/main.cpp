@@ -16,6 +16,7 @@ int main(int argc, char** argv) {
   px::cli::register_commands(app, opts);
   try {
     app.parse(argc, argv);
+    if (opts.train_cmd->parsed()) return px::cli::train(opts, &argc, &argv);
     return px::cli::run(app, opts);
   } catch (const CLI::CallForHelp& e) {
     return app.exit(e);

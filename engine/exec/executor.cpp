@@ -90,9 +90,12 @@ std::vector<OpTiming> Executor::run_ops() {
     wait_overlapping(i);
     // A tensor starts zeroed at the op that first writes it: accumulating kernels need no special
     // first call, and reused arena bytes never leak into a new tensor.
-    for (const TensorUse& u : program_.uses_of(op))
-      if (u.write && program_.tensors[u.tensor].first_op == i && !is_persistent(program_.tensors[u.tensor].cls))
+    for (const TensorUse& u : program_.uses_of(op)) {
+      if (!u.write) continue;
+      touched_ = std::max(touched_, arena_.offset(u.tensor) + u.offset + u.bytes);
+      if (program_.tensors[u.tensor].first_op == i && !is_persistent(program_.tensors[u.tensor].cls))
         std::memset(arena_.bytes(u.tensor).data(), 0, arena_.bytes(u.tensor).size());
+    }
     if (is_comm(op.kind)) {
       timings_[i].start = now();
       post(i);

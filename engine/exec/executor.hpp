@@ -55,6 +55,8 @@ class Executor {
 
   TensorArena& arena() { return arena_; }
   const MemoryPlan& memory() const { return memory_; }
+  // The highest arena byte any op has written so far: the rank's measured peak.
+  std::int64_t touched_bytes() const { return touched_; }
 
  private:
   struct InFlight {
@@ -93,6 +95,7 @@ class Executor {
   std::optional<Heartbeat> heartbeat_;
   int iteration_ = 0;
   std::uint32_t current_op_ = 0;
+  std::int64_t touched_ = 0;
 };
 
 }  // namespace px

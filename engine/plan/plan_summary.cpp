@@ -45,4 +45,26 @@ PlanSummary summarize(const CompiledPlan& plan) {
   return s;
 }
 
+nlohmann::json plan_to_json(const PlanSpec& p) {
+  return {{"tensor_model_parallel_size", p.tp()},
+          {"pipeline_model_parallel_size", p.pp()},
+          {"context_parallel_size", p.cp()},
+          {"expert_model_parallel_size", p.ep()},
+          {"data_parallel_size", p.dp()},
+          {"micro_batch_size", p.micro_batch_size},
+          {"global_batch_size", p.global_batch_size},
+          {"num_micro_batches", p.num_micro_batches()},
+          {"virtual_pipeline_model_parallel_size", p.vp()},
+          {"seq_length", p.seq_length},
+          {"zero_stage", p.zero_stage},
+          {"pipeline_schedule", std::string(to_string(p.schedule))},
+          {"recompute", std::string(to_string(p.recompute))},
+          {"sequence_parallel", p.sequence_parallel},
+          {"optimizer_offload", p.optimizer_offload},
+          {"use_flash_attn", p.use_flash_attn},
+          {"precision", std::string(to_string(p.precision))},
+          {"grad_dtype", std::string(to_string(p.grad_dtype))},
+          {"world_size", p.world_size()}};
+}
+
 }  // namespace px

@@ -2,6 +2,8 @@
 // communication volume by process group, planned memory and schedule shape.
 #pragma once
 
+#include <nlohmann/json.hpp>
+
 #include <array>
 #include <cstdint>
 #include <vector>
@@ -39,5 +41,8 @@ struct PlanSummary {
 };
 
 PlanSummary summarize(const CompiledPlan& plan);
+
+// The resolved plan's fields under Megatron-LM's names, for reports and run records.
+nlohmann::json plan_to_json(const PlanSpec& plan);
 
 }  // namespace px

@@ -99,6 +99,7 @@ CpuBackend::CpuBackend(const CompiledPlan& plan, int rank, const TokenSource& da
       opt_(options),
       params_(model_parameters(plan.model, plan.padded_vocab)),
       dims_(param_dims(plan.model, plan.padded_vocab)) {
+  set_gemm_threads(1);
   const ModelSpec& m = plan.model;
   if (m.attention_dropout > 0)
     throw Error(ErrorKind::Usage, {m.file, 0, 0, -1}, "the CPU engine has no attention dropout", "set attention_dropout: 0");

@@ -56,8 +56,9 @@ class CpuBackend final : public ComputeBackend {
   enum class Export { Weights, Gradients, Ownership };
   void export_owned(TensorArena& arena, Export what, std::map<std::string, std::vector<double>>& out) const;
 
-  // Optimizer state (host copy under offload) for checkpoints: the rank's owned m, v (and master).
+  // The offloaded optimizer's host memory (empty without offload), for checkpoints.
   std::vector<float>& host_state() { return host_state_; }
+  std::vector<float>& host_weights() { return host_weights_; }
 
  private:
   struct OwnedRange {

@@ -20,6 +20,8 @@ blasint to_blas(std::int64_t v) { return static_cast<blasint>(v); }
 
 }  // namespace
 
+void set_gemm_threads(int threads) { openblas_set_num_threads(threads); }
+
 template <class T>
 void gemm(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std::int64_t k, T alpha, const T* a, std::int64_t lda,
           const T* b, std::int64_t ldb, T beta, T* c, std::int64_t ldc) {

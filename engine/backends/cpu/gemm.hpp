@@ -7,6 +7,10 @@
 
 namespace px::cpu {
 
+// Threads OpenBLAS may use per process. A rank is one process per core, as on GPUs one per device,
+// so the engine runs single-threaded GEMMs: several ranks' thread pools on few cores thrash.
+void set_gemm_threads(int threads);
+
 // C[m x n] = alpha op(A) op(B) + beta C, row-major, leading dimensions in elements.
 template <class T>
 void gemm(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std::int64_t k, T alpha, const T* a, std::int64_t lda,
