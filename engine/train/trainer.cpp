@@ -218,7 +218,7 @@ TrainResult train(const TrainConfig& c, const MpiRuntime& mpi, const std::functi
     try {
       timings = executor.run_iteration();
     } catch (const RankFailure& f) {
-      const std::string reason = f.failed_rank >= 0 ? fmt::format("rank {} failed first: {}", f.failed_rank, f.what()) : f.what();
+      const std::string reason = f.failed_rank >= 0 ? fmt::format("rank {} failed first; {}", f.failed_rank, f.what()) : f.what();
       log(fmt::format("parallax: {}", reason));
       fail(reason);
       MpiRuntime::abort_job(1);
