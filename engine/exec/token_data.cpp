@@ -12,17 +12,12 @@
 #include <fmt/format.h>
 
 #include "engine/core/error.hpp"
+#include "engine/core/hash.hpp"
 
 namespace px {
 namespace {
 
-// SplitMix64's finalizer: a bijection whose output bits each depend on every input bit.
-std::uint64_t mix(std::uint64_t x) {
-  x += 0x9e3779b97f4a7c15ULL;
-  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ULL;
-  x = (x ^ (x >> 27)) * 0x94d049bb133111ebULL;
-  return x ^ (x >> 31);
-}
+std::uint64_t mix(std::uint64_t x) { return splitmix64(x); }
 
 // Chained rather than xor-ed together, so that (a, b) and (b, a) hash differently.
 std::uint64_t hash(std::uint64_t a, std::uint64_t b, std::uint64_t c, std::uint64_t d = 0) {

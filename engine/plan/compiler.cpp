@@ -24,57 +24,7 @@ namespace {
 
 using i64 = std::int64_t;
 inline i64 ceil_div(i64 a, i64 b) { return (a + b - 1) / b; }
-
-// Per-rank sizes every emitter needs.
-struct Dims {
-  i64 h, a_l, g_l, d, f_l, V_l, s, S, b, T, Tres, e, gb;
-  i64 qkv_cols;  // (a_l + 2 g_l) d
-  int tp, cp, ep;
-  bool sp, flash, swiglu, rope, bias, qkv_bias, layernorm, hidden_dropout, attn_dropout;
-  // MoE
-  i64 E = 0, E_l = 0, fe = 0, top_k = 0, slots = 0, capacity = 0, R = 0;
-  i64 gated() const { return swiglu ? 2 : 1; }
-};
-
-Dims make_dims(const ModelSpec& M, const PlanSpec& P, int padded_vocab) {
-  Dims D{};
-  D.tp = P.tp();
-  D.cp = P.cp();
-  D.ep = P.ep();
-  D.h = M.hidden_size;
-  D.d = M.kv_channels;
-  D.a_l = M.num_attention_heads / D.tp;
-  D.g_l = local_query_groups(M.num_query_groups, D.tp);
-  D.qkv_cols = (D.a_l + 2 * D.g_l) * D.d;
-  D.f_l = M.ffn_hidden_size / D.tp;
-  D.V_l = padded_vocab / D.tp;
-  D.s = P.seq_length;
-  D.S = D.s / D.cp;
-  D.b = P.micro_batch_size;
-  D.T = D.S * D.b;
-  D.sp = P.sequence_parallel && D.tp > 1;
-  D.Tres = D.sp ? D.T / D.tp : D.T;
-  D.e = static_cast<i64>(dtype_bytes(P.precision));
-  D.gb = static_cast<i64>(dtype_bytes(P.grad_dtype));
-  D.flash = P.use_flash_attn;
-  D.swiglu = M.activation == Activation::SwiGLU;
-  D.rope = M.position == PositionKind::Rope;
-  D.bias = M.add_bias_linear;
-  D.qkv_bias = M.add_bias_linear || M.add_qkv_bias;
-  D.layernorm = M.norm == NormKind::LayerNorm;
-  D.hidden_dropout = M.hidden_dropout > 0;
-  D.attn_dropout = M.attention_dropout > 0;
-  if (M.is_moe()) {
-    D.E = M.moe->num_experts;
-    D.E_l = D.E / D.ep;
-    D.fe = M.moe->ffn_hidden_size;
-    D.top_k = M.moe->top_k;
-    D.slots = moe_slots_per_expert(M, P);
-    D.capacity = D.slots * D.ep;  // what one expert receives from the whole EP group
-    D.R = D.E_l * D.capacity;     // == E * slots: the dispatch buffer of one rank
-  }
-  return D;
-}
+using Dims = LocalDims;
 
 // A part of a tensor, in elements of the tensor's dtype.
 struct Part {
@@ -1211,6 +1161,46 @@ class StageCompiler {
 
 }  // namespace
 
+LocalDims local_dims(const ModelSpec& M, const PlanSpec& P, int padded_vocab) {
+  LocalDims D{};
+  D.tp = P.tp();
+  D.cp = P.cp();
+  D.ep = P.ep();
+  D.h = M.hidden_size;
+  D.d = M.kv_channels;
+  D.a_l = M.num_attention_heads / D.tp;
+  D.g_l = local_query_groups(M.num_query_groups, D.tp);
+  D.qkv_cols = (D.a_l + 2 * D.g_l) * D.d;
+  D.f_l = M.ffn_hidden_size / D.tp;
+  D.V_l = padded_vocab / D.tp;
+  D.s = P.seq_length;
+  D.S = D.s / D.cp;
+  D.b = P.micro_batch_size;
+  D.T = D.S * D.b;
+  D.sp = P.sequence_parallel && D.tp > 1;
+  D.Tres = D.sp ? D.T / D.tp : D.T;
+  D.e = static_cast<std::int64_t>(dtype_bytes(P.precision));
+  D.gb = static_cast<std::int64_t>(dtype_bytes(P.grad_dtype));
+  D.flash = P.use_flash_attn;
+  D.swiglu = M.activation == Activation::SwiGLU;
+  D.rope = M.position == PositionKind::Rope;
+  D.bias = M.add_bias_linear;
+  D.qkv_bias = M.add_bias_linear || M.add_qkv_bias;
+  D.layernorm = M.norm == NormKind::LayerNorm;
+  D.hidden_dropout = M.hidden_dropout > 0;
+  D.attn_dropout = M.attention_dropout > 0;
+  if (M.is_moe()) {
+    D.E = M.moe->num_experts;
+    D.E_l = D.E / D.ep;
+    D.fe = M.moe->ffn_hidden_size;
+    D.top_k = M.moe->top_k;
+    D.slots = moe_slots_per_expert(M, P);
+    D.capacity = D.slots * D.ep;  // what one expert receives from the whole EP group
+    D.R = D.E_l * D.capacity;     // == E * slots: the dispatch buffer of one rank
+  }
+  return D;
+}
+
 LayerRange chunk_layers(const ModelSpec& model, const PlanSpec& plan, int stage, int chunk) {
   const int per_chunk = model.num_layers / (plan.pp() * plan.vp());
   return {(chunk * plan.pp() + stage) * per_chunk, per_chunk};
@@ -1219,7 +1209,7 @@ LayerRange chunk_layers(const ModelSpec& model, const PlanSpec& plan, int stage,
 CompiledPlan compile_plan(const ModelSpec& model, const PlanSpec& plan) {
   CompiledPlan out{model, plan, Topology(plan), padded_vocab_size(model.vocab_size, plan.tp()),
                    plan.num_micro_batches(), {}, {}, {}};
-  const Dims D = make_dims(model, plan, out.padded_vocab);
+  const Dims D = local_dims(model, plan, out.padded_vocab);
   const int p = plan.pp();
   out.roles.reserve(static_cast<std::size_t>(p));
   for (int stage = 0; stage < p; ++stage) {

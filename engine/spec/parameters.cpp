@@ -6,25 +6,10 @@
 #include <fmt/format.h>
 #include <numbers>
 
+#include "engine/core/hash.hpp"
 #include "engine/spec/model_math.hpp"
 
 namespace px {
-namespace {
-
-std::uint64_t splitmix(std::uint64_t z) {
-  z += 0x9e3779b97f4a7c15ULL;
-  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
-  z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
-  return z ^ (z >> 31);
-}
-
-std::uint64_t hash_name(const std::string& s) {  // FNV-1a: stable across platforms and runs
-  std::uint64_t h = 0xcbf29ce484222325ULL;
-  for (unsigned char c : s) h = (h ^ c) * 0x100000001b3ULL;
-  return h;
-}
-
-}  // namespace
 
 ParamDims param_dims(const ModelSpec& m, int padded_vocab) {
   return {m.hidden_size, m.num_attention_heads, m.num_query_groups, m.kv_channels, m.ffn_hidden_size, padded_vocab};
@@ -116,9 +101,9 @@ double initial_value(const LogicalParam& p, std::int64_t index, std::uint64_t se
     case ParamInit::Normal: break;
   }
   // Box-Muller on two counter-based uniforms: the value depends on nothing but its coordinates.
-  const std::uint64_t base = splitmix(seed ^ hash_name(p.name)) ^ static_cast<std::uint64_t>(index) * 0xd1b54a32d192ed03ULL;
-  const double u1 = (static_cast<double>(splitmix(base) >> 11) + 0.5) * 0x1.0p-53;
-  const double u2 = static_cast<double>(splitmix(base + 1) >> 11) * 0x1.0p-53;
+  const std::uint64_t base = splitmix64(seed ^ fnv1a(p.name)) ^ static_cast<std::uint64_t>(index) * 0xd1b54a32d192ed03ULL;
+  const double u1 = (static_cast<double>(splitmix64(base) >> 11) + 0.5) * 0x1.0p-53;
+  const double u2 = static_cast<double>(splitmix64(base + 1) >> 11) * 0x1.0p-53;
   return p.std * std::sqrt(-2.0 * std::log(u1)) * std::cos(2.0 * std::numbers::pi * u2);
 }
 

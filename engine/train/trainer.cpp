@@ -15,6 +15,7 @@
 #include <map>
 
 #include "engine/core/error.hpp"
+#include "engine/core/hash.hpp"
 #include "engine/exec/executor.hpp"
 #include "engine/exec/token_data.hpp"
 #include "engine/plan/compiler.hpp"
@@ -40,9 +41,7 @@ std::unique_ptr<TokenSource> make_data(const TrainConfig& c) {
 
 std::string fingerprint(const TrainConfig& c) {
   const std::string text = c.model.name + "|" + plan_to_json(c.plan).dump() + "|" + std::to_string(c.options.seed);
-  std::uint64_t h = 0xcbf29ce484222325ULL;
-  for (unsigned char ch : text) h = (h ^ ch) * 0x100000001b3ULL;
-  return fmt::format("{:016x}", h);
+  return fmt::format("{:016x}", fnv1a(text));
 }
 
 // Writes `bytes` to `path` whole or not at all: a temporary file beside it, then a rename.

@@ -28,6 +28,7 @@ namespace {
 using i64 = std::int64_t;
 using F = std::span<float>;
 using CF = std::span<const float>;
+using Sizes = LocalDims;
 
 std::span<std::byte> raw(TensorArena& arena, const TensorUse& u) {
   return arena.bytes(u.tensor).subspan(static_cast<std::size_t>(u.offset), static_cast<std::size_t>(u.bytes));
@@ -53,40 +54,7 @@ Operands operands(const Program& prog, const Op& op) {
   return o;
 }
 
-// Per-rank sizes, as the compiler derived them.
-struct Sizes {
-  i64 h, a, g, d, f, V, s, S, b, T, Tres, qkv, E = 0, El = 0, k = 0, slots = 0;
-  int tp, cp, ep;
-  bool sp;
-};
-Sizes sizes(const CompiledPlan& plan) {
-  const ModelSpec& m = plan.model;
-  const PlanSpec& p = plan.plan;
-  Sizes z{};
-  z.tp = p.tp();
-  z.cp = p.cp();
-  z.ep = p.ep();
-  z.h = m.hidden_size;
-  z.a = m.num_attention_heads / z.tp;
-  z.g = local_query_groups(m.num_query_groups, z.tp);
-  z.d = m.kv_channels;
-  z.f = m.ffn_hidden_size / z.tp;
-  z.V = plan.padded_vocab / z.tp;
-  z.s = p.seq_length;
-  z.S = z.s / z.cp;
-  z.b = p.micro_batch_size;
-  z.T = z.S * z.b;
-  z.sp = p.sequence_parallel && z.tp > 1;
-  z.Tres = z.sp ? z.T / z.tp : z.T;
-  z.qkv = (z.a + 2 * z.g) * z.d;
-  if (m.is_moe()) {
-    z.E = m.moe->num_experts;
-    z.El = z.E / z.ep;
-    z.k = m.moe->top_k;
-    z.slots = moe_slots_per_expert(m, p);
-  }
-  return z;
-}
+Sizes sizes(const CompiledPlan& plan) { return local_dims(plan.model, plan.plan, plan.padded_vocab); }
 
 }  // namespace
 
@@ -249,7 +217,7 @@ void CpuBackend::run(const Program& program, std::uint32_t index, TensorArena& a
 void CpuBackend::embedding(const Op& op, TensorArena& arena) {
   const Sizes z = sizes(plan_);
   const Operands o = operands(program_, op);
-  const i64 vocab_begin = coord_.tp * z.V;
+  const i64 vocab_begin = coord_.tp * z.V_l;
   if (forward_phase(op.phase)) {
     // Positions are added on one tensor-parallel rank: the TP reduction after the lookup sums the ranks.
     const CF pos = o.in.size() > 1 && coord_.tp == 0 ? CF(view(arena, o.in[1])) : CF();
@@ -325,7 +293,7 @@ void CpuBackend::gemm(const Op& op, TensorArena& arena) {
   // Grouped expert GEMMs: rows [ep][E/ep][slots]; expert j's rows are ep blocks of `slots` rows.
   const Sizes z = sizes(plan_);
   const auto blocks = [&](i64 j, auto&& fn) {
-    for (i64 src = 0; src < z.ep; ++src) fn((src * z.El + j) * z.slots);
+    for (i64 src = 0; src < z.ep; ++src) fn((src * z.E_l + j) * z.slots);
   };
   const auto rows = [](auto span, i64 row, i64 count, i64 cols) {
     return span.subspan(static_cast<std::size_t>(row * cols), static_cast<std::size_t>(count * cols));
@@ -333,7 +301,7 @@ void CpuBackend::gemm(const Op& op, TensorArena& arena) {
   const auto part = [](auto span, i64 j, i64 size) {
     return span.subspan(static_cast<std::size_t>(j * size), static_cast<std::size_t>(size));
   };
-  for (i64 j = 0; j < z.El; ++j) {
+  for (i64 j = 0; j < z.E_l; ++j) {
     switch (op.variant) {
       case Variant::GemmGroupedForward: {
         const CF bias = o.in.size() > 2 ? part(CF(view(arena, o.in[2])), j, op.n) : CF();
@@ -368,9 +336,9 @@ void CpuBackend::rope(const Op& op, TensorArena& arena) {
   const Operands o = operands(program_, op);
   const F x = view(arena, o.out[0]);
   if (forward_phase(op.phase))
-    rope_forward<float>(x, op.m, z.qkv, op.n / z.d, z.d, positions_, plan_.model.rope_theta);
+    rope_forward<float>(x, op.m, z.qkv_cols, op.n / z.d, z.d, positions_, plan_.model.rope_theta);
   else
-    rope_backward<float>(x, op.m, z.qkv, op.n / z.d, z.d, positions_, plan_.model.rope_theta);
+    rope_backward<float>(x, op.m, z.qkv_cols, op.n / z.d, z.d, positions_, plan_.model.rope_theta);
 }
 
 void CpuBackend::attention(const Op& op, TensorArena& arena) {
@@ -381,16 +349,16 @@ void CpuBackend::attention(const Op& op, TensorArena& arena) {
   const TensorUse& kv_use = fwd ? o.in[1] : o.in[2];
   const CF qkv = view(arena, qkv_use), kvb = view(arena, kv_use);
   const bool packed = kv_use.tensor != qkv_use.tensor;  // a ring block [K | V], not qkv itself
-  const i64 kv_ld = packed ? 2 * z.g * z.d : z.qkv, k_off = packed ? 0 : z.a * z.d, v_off = k_off + z.g * z.d;
+  const i64 kv_ld = packed ? 2 * z.g_l * z.d : z.qkv_cols, k_off = packed ? 0 : z.a_l * z.d, v_off = k_off + z.g_l * z.d;
   const int src = ((coord_.cp - op.step) % z.cp + z.cp) % z.cp;  // whose block arrives at this step
-  AttentionShape sh{z.b, z.a, z.g, z.d, z.S, z.S, coord_.cp * z.S, src * z.S};
-  const QkvView<const float> x{qkv, kvb.subspan(static_cast<std::size_t>(k_off)), kvb.subspan(static_cast<std::size_t>(v_off)), z.qkv,
+  AttentionShape sh{z.b, z.a_l, z.g_l, z.d, z.S, z.S, coord_.cp * z.S, src * z.S};
+  const QkvView<const float> x{qkv, kvb.subspan(static_cast<std::size_t>(k_off)), kvb.subspan(static_cast<std::size_t>(v_off)), z.qkv_cols,
                                kv_ld, kv_ld};
-  const auto lse_count = static_cast<std::size_t>(z.b * z.a * z.S);
+  const auto lse_count = static_cast<std::size_t>(z.b * z.a_l * z.S);
   if (fwd) {
     F out = view(arena, o.out[0]);
     if (out.empty()) {  // flash recompute keeps only the statistics
-      scratch_.resize(static_cast<std::size_t>(z.T * z.a * z.d));
+      scratch_.resize(static_cast<std::size_t>(z.T * z.a_l * z.d));
       out = scratch_;
     }
     attention_forward<float>(sh, x, out, view(arena, o.out[1]).first(lse_count), op.step == 0);
@@ -399,8 +367,8 @@ void CpuBackend::attention(const Op& op, TensorArena& arena) {
   const CF dout = view(arena, o.in[0]), out = view(arena, o.in[3]), lse = CF(view(arena, o.in[4])).first(lse_count);
   const F dqkv = view(arena, o.out[0]);
   if (!packed) {
-    const QkvView<float> dx{dqkv, dqkv.subspan(static_cast<std::size_t>(k_off)), dqkv.subspan(static_cast<std::size_t>(v_off)), z.qkv,
-                            z.qkv, z.qkv};
+    const QkvView<float> dx{dqkv, dqkv.subspan(static_cast<std::size_t>(k_off)), dqkv.subspan(static_cast<std::size_t>(v_off)), z.qkv_cols,
+                            z.qkv_cols, z.qkv_cols};
     attention_backward<float>(sh, x, out, lse, dout, dx);
     return;
   }
@@ -412,25 +380,25 @@ void CpuBackend::attention(const Op& op, TensorArena& arena) {
   } else {
     std::fill(dkv.begin(), dkv.end(), 0.0f);
   }
-  const QkvView<float> dx{dqkv, dkv, dkv.subspan(static_cast<std::size_t>(z.g * z.d)), z.qkv, kv_ld, kv_ld};
+  const QkvView<float> dx{dqkv, dkv, dkv.subspan(static_cast<std::size_t>(z.g_l * z.d)), z.qkv_cols, kv_ld, kv_ld};
   attention_backward<float>(sh, x, out, lse, dout, dx);
 }
 
 void CpuBackend::copy(const Op& op, TensorArena& arena) {
   const Sizes z = sizes(plan_);
   const Operands o = operands(program_, op);
-  const i64 width = 2 * z.g * z.d, first = z.a * z.d;
+  const i64 width = 2 * z.g_l * z.d, first = z.a_l * z.d;
   if (op.variant == Variant::PackKeyValues) {
     const CF qkv = view(arena, o.in[0]);
     const F kv = view(arena, o.out[0]);
     for (i64 r = 0; r < op.m; ++r)
-      std::copy_n(qkv.begin() + r * z.qkv + first, width, kv.begin() + r * width);
+      std::copy_n(qkv.begin() + r * z.qkv_cols + first, width, kv.begin() + r * width);
     return;
   }
   const CF dkv = view(arena, o.in[0]);
   const F dqkv = view(arena, o.out[0]);
   for (i64 r = 0; r < op.m; ++r)
-    for (i64 c = 0; c < width; ++c) dqkv[static_cast<std::size_t>(r * z.qkv + first + c)] += dkv[static_cast<std::size_t>(r * width + c)];
+    for (i64 c = 0; c < width; ++c) dqkv[static_cast<std::size_t>(r * z.qkv_cols + first + c)] += dkv[static_cast<std::size_t>(r * width + c)];
 }
 
 void CpuBackend::activation(const Op& op, TensorArena& arena) {
@@ -499,15 +467,15 @@ Routing routing(std::span<std::byte> b, i64 assignments) {
 void CpuBackend::router(const Op& op, TensorArena& arena) {
   const Sizes z = sizes(plan_);
   const Operands o = operands(program_, op);
-  const MoeShape shape{op.m, z.E, z.k, z.slots};
+  const MoeShape shape{op.m, z.E, z.top_k, z.slots};
   const double micro_batches = static_cast<double>(plan_.num_micro_batches) * plan_.plan.dp() * plan_.plan.cp();
   const auto aux_coeff = static_cast<float>(opt_.moe_aux_coeff);
   if (forward_phase(op.phase)) {
-    const Routing r = routing(raw(arena, o.out[1]), op.m * z.k);
+    const Routing r = routing(raw(arena, o.out[1]), op.m * z.top_k);
     router_forward<float>(view(arena, o.in[0]), view(arena, o.out[0]), r.expert, r.slot, r.gate, shape, opt_.moe_renormalize, aux_coeff);
     return;
   }
-  const Routing r = routing(raw(arena, o.in[2]), op.m * z.k);
+  const Routing r = routing(raw(arena, o.in[2]), op.m * z.top_k);
   // The load-balancing loss is averaged over every micro-batch of the job, as the LM loss is.
   router_backward<float>(view(arena, o.in[0]), view(arena, o.in[1]), r.expert, view(arena, o.out[0]), shape, opt_.moe_renormalize,
                          static_cast<float>(aux_coeff / micro_batches));
@@ -516,9 +484,9 @@ void CpuBackend::router(const Op& op, TensorArena& arena) {
 void CpuBackend::permute(const Op& op, TensorArena& arena) {
   const Sizes z = sizes(plan_);
   const Operands o = operands(program_, op);
-  const MoeShape shape{z.Tres, z.E, z.k, z.slots};
+  const MoeShape shape{z.Tres, z.E, z.top_k, z.slots};
   const bool fwd = forward_phase(op.phase);
-  const Routing r = routing(raw(arena, o.in.back()), z.Tres * z.k);
+  const Routing r = routing(raw(arena, o.in.back()), z.Tres * z.top_k);
   if (op.variant == Variant::Dispatch) {
     if (fwd)
       permute_forward<float>(view(arena, o.in[0]), r.expert, r.slot, view(arena, o.out[0]), shape, z.h);
@@ -536,7 +504,7 @@ void CpuBackend::permute(const Op& op, TensorArena& arena) {
 void CpuBackend::cross_entropy(const Op& op, TensorArena& arena) {
   const Sizes z = sizes(plan_);
   const Operands o = operands(program_, op);
-  const i64 rows = op.m, cols = op.n, vocab_begin = coord_.tp * z.V;
+  const i64 rows = op.m, cols = op.n, vocab_begin = coord_.tp * z.V_l;
   const auto n = static_cast<std::size_t>(rows);
   if (op.phase == Phase::Forward) {
     if (op.variant == Variant::CrossEntropyPartials) {

@@ -1,16 +1,13 @@
 // Counter-based dropout masks and the fused dropout-add.
 #include "engine/backends/cpu/dropout.hpp"
+#include "engine/core/hash.hpp"
 
 #include <cassert>
 
 namespace px::cpu {
 
-std::uint64_t mix_key(std::uint64_t a, std::uint64_t b) {
-  std::uint64_t z = a ^ (b + 0x9e3779b97f4a7c15ULL + (a << 6) + (a >> 2));
-  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
-  z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
-  return z ^ (z >> 31);
-}
+// The boost::hash_combine step before the mix keeps (a, b) and (b, a) apart.
+std::uint64_t mix_key(std::uint64_t a, std::uint64_t b) { return splitmix64(a ^ (b + (a << 6) + (a >> 2))); }
 
 bool dropped(std::uint64_t seed, std::uint64_t row_key, std::int64_t col, double p) {
   const std::uint64_t bits = mix_key(mix_key(seed, row_key), static_cast<std::uint64_t>(col));
