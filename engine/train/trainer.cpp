@@ -77,7 +77,7 @@ struct Shard {
       out.append(reinterpret_cast<const char*>(b.data()), b.size());
     }
     for (const auto* v : {&backend.host_weights(), &backend.host_state()})
-      out.append(reinterpret_cast<const char*>(v->data()), v->size() * sizeof(float));
+      if (!v->empty()) out.append(reinterpret_cast<const char*>(v->data()), v->size() * sizeof(float));
     return out;
   }
 
@@ -90,6 +90,7 @@ struct Shard {
                   "resume with the configuration that wrote it, or start a new run directory");
     std::size_t at = nl + 1;
     auto take = [&](std::byte* dst, std::size_t n) {
+      if (n == 0) return;
       if (at + n > bytes.size())
         throw Error(ErrorKind::Parse, {file.string(), 0, 0, static_cast<std::int64_t>(bytes.size())}, "the checkpoint is truncated",
                     "the shard is damaged; resume from an earlier checkpoint");
