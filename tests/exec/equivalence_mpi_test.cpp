@@ -215,6 +215,15 @@ std::vector<Case> cases() {
          p.use_flash_attn = false;
          batch(p, 1, 4);
        }},
+      // Megatron's expert layout: 2 experts per rank, spread over the data-parallel ranks.
+      {"tp2_sp_dp2_ep2", "tiny-moe", 4,
+       [](PlanSpec& p) {
+         p.tensor_model_parallel_size = 2;
+         p.sequence_parallel = true;
+         p.data_parallel_size = 2;
+         p.expert_model_parallel_size = 2;
+         batch(p, 1, 4);
+       }},
       {"cp2_dp2_zero3", "tiny-llama", 4,
        [](PlanSpec& p) { p.context_parallel_size = 2; p.data_parallel_size = 2; p.zero_stage = 3; batch(p, 1, 4); }},
       // eight ranks
@@ -225,12 +234,13 @@ std::vector<Case> cases() {
          p.data_parallel_size = 2;
          batch(p, 1, 8);
        }},
-      {"tp2_sp_dp2_ep2", "tiny-moe", 8,
+      {"tp2_sp_dp4_ep2_zero2", "tiny-moe", 8,
        [](PlanSpec& p) {
          p.tensor_model_parallel_size = 2;
          p.sequence_parallel = true;
          p.data_parallel_size = 4;
          p.expert_model_parallel_size = 2;
+         p.zero_stage = 2;
          batch(p, 1, 4);
        }},
       {"cp2_ep2_pp2_zero3_zero_bubble", "tiny-moe", 8,

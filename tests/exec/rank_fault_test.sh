@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
-# Rank 2 of a 4-rank data-parallel training run is killed with SIGKILL at the start of its third
-# iteration. The survivors must stop within their 3 s timeout, say that rank 2 failed, and leave
-# the run in the results database as failed with that reason (and no metrics).
-# usage: rank_killed_test.sh MPIEXEC PARALLAX WORKDIR
+# Rank 2 of a 4-rank data-parallel training run is killed with SIGKILL (or hangs) at the start of
+# its third iteration. The survivors must stop within their 3 s timeout, say that rank 2 failed,
+# and leave the run in the results database as failed with that reason (and no metrics).
+# usage: rank_fault_test.sh kill|hang MPIEXEC PARALLAX WORKDIR
 set -uo pipefail
-mpiexec=$1 parallax=$2 dir=$3
+mode=$1 mpiexec=$2 parallax=$3 dir=$4
 rm -rf "$dir" && mkdir -p "$dir"
 start=$(date +%s)
-PARALLAX_FAULT=kill:2:2 "$mpiexec" -np 4 --oversubscribe --enable-recovery "$parallax" train --model tiny-gpt --dp 4 \
+PARALLAX_FAULT=$mode:2:2 "$mpiexec" -np 4 --oversubscribe --enable-recovery "$parallax" train --model tiny-gpt --dp 4 \
   --global-batch 4 --micro-batch 1 --seq-length 32 --iterations 6 --timeout 3 --out "$dir/run" --db "$dir/results.db" \
   > "$dir/log.txt" 2>&1
 code=$?
