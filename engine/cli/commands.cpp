@@ -369,9 +369,12 @@ void register_commands(CLI::App& app, Options& o) {
   add_plan_flags(o.plan_show, o);
   o.plan_show->add_option("--rank", o.rank, "Also show this rank's coordinates and process groups");
   register_train(app, o);
+  register_simulate(app, o);
 }
 
-PlanSpec plan_from_flags(const Options& o, const ModelSpec& model) { return build_plan(catalog(o), o.plan, model, nullptr); }
+PlanSpec plan_from_flags(const Options& o, const ModelSpec& model, const ClusterSpec* cluster) {
+  return build_plan(catalog(o), o.plan, model, cluster);
+}
 
 int run(const CLI::App&, const Options& o) {
   if (o.model_info->parsed()) return model_info(o);
@@ -379,6 +382,7 @@ int run(const CLI::App&, const Options& o) {
   if (o.cluster_list->parsed()) return list(o, false);
   if (o.plan_check->parsed()) return plan_check(o);
   if (o.plan_show->parsed()) return plan_show(o);
+  if (o.simulate_cmd->parsed()) return simulate(o);
   return 2;
 }
 

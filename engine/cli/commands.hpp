@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "engine/spec/spec.hpp"
 
@@ -31,6 +32,11 @@ struct TrainFlags {
   bool resume = false;
 };
 
+struct SimulateFlags {
+  std::string trace_out, db, experiment = "simulate";
+  std::vector<int> trace_ranks;
+};
+
 struct Options {
   std::string datasets;  // empty: PARALLAX_DATASETS or the build's datasets/
   bool json = false;
@@ -44,16 +50,22 @@ struct Options {
   CLI::App* plan_show = nullptr;
   TrainFlags train;
   CLI::App* train_cmd = nullptr;
+  SimulateFlags sim;
+  CLI::App* simulate_cmd = nullptr;
 };
 
 // Plan flags shared by every command that takes a plan.
 void add_plan_flags(CLI::App* cmd, Options& o);
 // The resolved plan the flags describe (engine/cli/commands.cpp).
-PlanSpec plan_from_flags(const Options& o, const ModelSpec& model);
+PlanSpec plan_from_flags(const Options& o, const ModelSpec& model, const ClusterSpec* cluster = nullptr);
 
 // `parallax train` (engine/cli/train_command.cpp).
 void register_train(CLI::App& app, Options& o);
 int train(const Options& o, int* argc, char*** argv);
+
+// `parallax simulate` (engine/cli/simulate_command.cpp).
+void register_simulate(CLI::App& app, Options& o);
+int simulate(const Options& o);
 
 void register_commands(CLI::App& app, Options& opts);
 int run(const CLI::App& app, const Options& opts);

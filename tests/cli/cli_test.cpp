@@ -95,6 +95,25 @@ TEST(PlanShow, TextReportNamesEveryStage) {
   EXPECT_NE(r.out.find("tp2·pp2·dp2 = 8 ranks, 2 distinct rank roles"), std::string::npos) << r.out;
 }
 
+TEST(Simulate, PredictsAnIterationAndWritesWellFormedTraces) {
+  const std::string dir = ::testing::TempDir() + "/parallax_simulate_" + std::to_string(getpid());
+  const auto j = run_json("simulate --model gpt2-124m --cluster h100-8 --tp 2 --pp 2 --dp 2 --global-batch 32 --micro-batch 4 "
+                          "--trace-ranks 0 7 --trace-out '" + dir + "' --json");
+  const double t = j["iteration_s"].get<double>();
+  EXPECT_GT(t, 0);
+  const auto& b = j["breakdown_s"];
+  EXPECT_NEAR(b["compute"].get<double>() + b["exposed_comm"].get<double>() + b["pipeline_bubble"].get<double>() + b["other"].get<double>(),
+              t, 1e-9 * t);
+  EXPECT_NEAR(j["tokens_per_second"].get<double>(), 32 * 1024 / t, 1e-6 * 32 * 1024 / t);
+  EXPECT_NE(j["mfu_formula"].get<std::string>().find("989.4 TFLOP/s"), std::string::npos);
+  for (const char* rank : {"00000", "00007"}) {
+    std::ifstream in(dir + "/trace_rank" + rank + ".json");
+    const auto trace = nlohmann::json::parse(in);
+    EXPECT_TRUE(trace["traceEvents"].size() > 100) << rank;
+    EXPECT_EQ(trace["distributedInfo"]["rank"].get<int>(), std::stoi(rank));
+  }
+}
+
 // Every bad input: exit code 2, exactly one line on stderr, and it says where and why.
 struct Bad {
   const char* name;
@@ -131,7 +150,10 @@ INSTANTIATE_TEST_SUITE_P(
         Bad{"flag_without_value", "plan check --model gpt3-175b --tp", "--tp"},
         Bad{"rank_outside_plan", "plan show --model gpt3-175b --tp 8 --pp 16 --dp 80 --global-batch 2560 --rank 99999", "--rank 99999"},
         Bad{"unknown_cluster", "plan show --model gpt3-175b --cluster no-such-cluster", "no-such-cluster"},
-        Bad{"unknown_command", "frobnicate", "frobnicate"}),
+        Bad{"unknown_command", "frobnicate", "frobnicate"},
+        Bad{"simulate_without_cluster", "simulate --model gpt2-124m", "--cluster"},
+        Bad{"simulate_plan_exceeds_cluster", "simulate --model gpt2-124m --cluster h100-8 --dp 16 --global-batch 16", "h100-8"},
+        Bad{"train_bf16", "train --model tiny-gpt --precision bf16 --iterations 1", "fp32"}),
     [](const auto& param_info) { return std::string(param_info.param.name); });
 
 // Every damaged fixture through the CLI: one line naming the file, exit code 2, nothing on stdout.

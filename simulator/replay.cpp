@@ -1,0 +1,300 @@
+// The replay: per rank and stream an actor walks the stream's ops in program order, waits for the
+// ops (on other streams) each depends on, sleeps for a compute op's cost, and for a comm op sends
+// and receives the flows of its algorithm through SimGrid mailboxes, so every flow crosses the
+// links between its hosts and shares them with whatever else is in flight.
+#include "simulator/replay.hpp"
+
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <array>
+#include <cerrno>
+#include <cstring>
+#include <fmt/format.h>
+#include <simgrid/s4u.hpp>
+
+#include "engine/core/error.hpp"
+#include "engine/spec/model_math.hpp"
+#include "simulator/platform.hpp"
+
+namespace px::sim {
+namespace {
+
+namespace s4u = simgrid::s4u;
+
+struct RankState {
+  std::vector<char> done;
+  std::vector<OpTiming> timing;
+  s4u::MutexPtr mutex = s4u::Mutex::create();
+  s4u::ConditionVariablePtr cv = s4u::ConditionVariable::create();
+};
+
+// Collectives of one group kind are numbered in program order; members of an instance agree on it.
+std::vector<std::uint32_t> collective_sequence(const Program& prog) {
+  std::vector<std::uint32_t> seq(prog.ops.size(), 0);
+  std::array<std::uint32_t, kNumGroupKinds> count{};
+  for (std::size_t i = 0; i < prog.ops.size(); ++i)
+    if (is_collective(prog.ops[i].kind)) seq[i] = count[static_cast<std::size_t>(prog.ops[i].group)]++;
+  return seq;
+}
+
+int token = 0;  // the payload of every simulated message: only its size matters
+
+class Replay {
+ public:
+  Replay(const CompiledPlan& plan, const ClusterSpec& cluster, const SimOptions& options)
+      : plan_(plan), cost_(cluster.gpu, cluster.node, options.cost), op_cost_(options.op_cost), ranks_(static_cast<std::size_t>(plan.topology.world_size())) {
+    for (const Program& p : plan.roles) seq_.push_back(collective_sequence(p));
+    for (std::size_t r = 0; r < ranks_.size(); ++r) {
+      const Program& prog = plan.program_of(static_cast<int>(r));
+      ranks_[r].done.assign(prog.ops.size(), 0);
+      ranks_[r].timing.assign(prog.ops.size(), {});
+    }
+  }
+
+  void start(const Platform& platform) {
+    for (int r = 0; r < plan_.topology.world_size(); ++r) {
+      const Program& prog = plan_.program_of(r);
+      std::array<std::vector<std::uint32_t>, kNumStreams> streams;
+      for (std::uint32_t i = 0; i < prog.ops.size(); ++i) streams[static_cast<std::size_t>(prog.ops[i].stream)].push_back(i);
+      for (int s = 0; s < kNumStreams; ++s) {
+        if (streams[static_cast<std::size_t>(s)].empty()) continue;
+        s4u::Actor::create(fmt::format("rank{}-{}", r, to_string(static_cast<Stream>(s))), platform.gpu(r),
+                           [this, r, ops = std::move(streams[static_cast<std::size_t>(s)])] { run_stream(r, ops); });
+      }
+    }
+  }
+
+  const std::vector<RankState>& ranks() const { return ranks_; }
+  std::int64_t flows() const { return flows_; }
+
+ private:
+  void run_stream(int rank, const std::vector<std::uint32_t>& ops) {
+    RankState& st = ranks_[static_cast<std::size_t>(rank)];
+    const Program& prog = plan_.program_of(rank);
+    for (std::uint32_t i : ops) {
+      const Op& op = prog.ops[i];
+      {
+        std::unique_lock lock(*st.mutex);
+        for (auto d : prog.deps_of(op))
+          while (!st.done[d]) st.cv->wait(lock);
+      }
+      st.timing[i].start = s4u::Engine::get_clock();
+      if (is_comm(op.kind))
+        communicate(rank, prog, i);
+      else
+        s4u::this_actor::sleep_for(op_cost_ ? op_cost_(prog, op) : cost_.cost(op).seconds);
+      st.timing[i].end = s4u::Engine::get_clock();
+      std::unique_lock lock(*st.mutex);
+      st.done[i] = 1;
+      st.cv->notify_all();
+    }
+  }
+
+  s4u::Mailbox* box(const std::string& name) { return s4u::Mailbox::by_name(name); }
+
+  void send_recv(s4u::Mailbox* to, s4u::Mailbox* from, double bytes) {
+    s4u::CommPtr out = to->put_async(&token, static_cast<std::uint64_t>(bytes));
+    from->get<int>();
+    out->wait();
+    ++flows_;
+  }
+
+  void communicate(int rank, const Program& prog, std::uint32_t i) {
+    const Op& op = prog.ops[i];
+    const Topology& topo = plan_.topology;
+    const double bytes = static_cast<double>(op.comm_bytes);
+    if (op.kind == OpKind::Send || op.kind == OpKind::Recv) {
+      const int peer = topo.ring_neighbour(op.group, rank, op.peer);
+      const bool forward = (op.kind == OpKind::Send) == (op.peer > 0);
+      const int src = op.kind == OpKind::Send ? rank : peer, dst = op.kind == OpKind::Send ? peer : rank;
+      s4u::Mailbox* mb = box(fmt::format("p2p {}>{} {}", src, dst, forward ? 'f' : 'b'));
+      if (op.kind == OpKind::Send) {
+        mb->put(&token, static_cast<std::uint64_t>(bytes));
+        ++flows_;
+      } else {
+        mb->get<int>();
+      }
+      return;
+    }
+    const int id = plan_.ranks[static_cast<std::size_t>(rank)].group[static_cast<std::size_t>(op.group)];
+    const std::vector<int> members = topo.members(op.group, id);
+    const int n = static_cast<int>(members.size()), me = topo.group_index(op.group, rank);
+    const std::string key = fmt::format("{} {} {}", to_string(op.group), id, seq_[static_cast<std::size_t>(prog.pp_stage)][i]);
+    auto at = [&](int member, int step) { return box(fmt::format("{} s{} m{}", key, step, member)); };
+    const int next = (me + 1) % n;
+    switch (op.kind) {
+      case OpKind::AllReduce:  // ring: reduce-scatter then all-gather, 2(n-1) steps of S/n
+        for (int s = 0; s < 2 * (n - 1); ++s) send_recv(at(next, s), at(me, s), bytes / n);
+        break;
+      case OpKind::ReduceScatter:  // S is the input
+      case OpKind::AllGather:      // S is the output
+        for (int s = 0; s < n - 1; ++s) send_recv(at(next, s), at(me, s), bytes / n);
+        break;
+      case OpKind::RingExchange:  // one step of the CP ring: S to the next member
+        send_recv(at(next, 0), at(me, 0), bytes);
+        break;
+      case OpKind::AllToAll: {  // direct: S/n to every other member at once
+        // Receives are posted at once too: a mailbox transfer starts only when both sides are there.
+        std::vector<s4u::CommPtr> comms;
+        std::vector<int*> received(static_cast<std::size_t>(n), nullptr);
+        for (int j = 0; j < n; ++j) {
+          if (j == me) continue;
+          comms.push_back(box(fmt::format("{} from{} to{}", key, me, j))->put_async(&token, static_cast<std::uint64_t>(bytes / n)));
+          comms.push_back(box(fmt::format("{} from{} to{}", key, j, me))->get_async<int>(&received[static_cast<std::size_t>(j)]));
+        }
+        for (auto& c : comms) c->wait();
+        flows_ += n - 1;
+        break;
+      }
+      default: break;
+    }
+  }
+
+  const CompiledPlan& plan_;
+  CostModel cost_;
+  std::function<double(const Program&, const Op&)> op_cost_;
+  std::vector<RankState> ranks_;
+  std::vector<std::vector<std::uint32_t>> seq_;
+  std::int64_t flows_ = 0;
+};
+
+// The slowest rank's compute stream: busy time, and each wait classified by what it waited for.
+Breakdown breakdown(const Program& prog, const std::vector<OpTiming>& t, double end) {
+  Breakdown b;
+  double free_at = 0;
+  for (std::uint32_t i = 0; i < prog.ops.size(); ++i) {
+    const Op& op = prog.ops[i];
+    if (op.stream != Stream::Compute) continue;
+    const double gap = t[i].start - free_at;
+    if (gap > 0) {
+      std::int64_t blocker = -1;
+      for (auto d : prog.deps_of(op))
+        if (blocker < 0 || t[d].end > t[static_cast<std::size_t>(blocker)].end) blocker = d;
+      const OpKind k = blocker < 0 ? OpKind::Gemm : prog.ops[static_cast<std::size_t>(blocker)].kind;
+      (k == OpKind::Recv || k == OpKind::Send ? b.bubble_s : is_comm(k) ? b.exposed_comm_s : b.other_s) += gap;
+    }
+    b.compute_s += t[i].end - t[i].start;
+    free_at = std::max(free_at, t[i].end);
+  }
+  b.exposed_comm_s += std::max(0.0, end - free_at);  // the optimizer tail's collectives
+  return b;
+}
+
+SimResult run_replay(const CompiledPlan& plan, const ClusterSpec& cluster, const SimOptions& options) {
+  int argc = 2;
+  char name[] = "parallax-simulate";
+  char quiet[] = "--log=root.thres:critical";
+  char* argv[] = {name, quiet, nullptr};
+  char** args = argv;
+  s4u::Engine engine(&argc, args);
+  const Platform platform(cluster, plan.topology.world_size());
+  Replay replay(plan, cluster, options);
+  replay.start(platform);
+  engine.run();
+
+  SimResult r;
+  r.flows = replay.flows();
+  for (std::size_t k = 0; k < replay.ranks().size(); ++k) {
+    double end = 0;
+    for (const OpTiming& t : replay.ranks()[k].timing) end = std::max(end, t.end);
+    r.rank_end_s.push_back(end);
+    if (end > r.iteration_s) {
+      r.iteration_s = end;
+      r.slowest_rank = static_cast<int>(k);
+    }
+  }
+  r.breakdown = breakdown(plan.program_of(r.slowest_rank), replay.ranks()[static_cast<std::size_t>(r.slowest_rank)].timing, r.iteration_s);
+  const double tokens = static_cast<double>(plan.plan.global_batch_size) * plan.plan.seq_length;
+  r.tokens_per_s = r.iteration_s > 0 ? tokens / r.iteration_s : 0;
+  const double peak = 1e12 * cluster.gpu.peak_bf16_tflops * plan.topology.world_size();
+  r.mfu = r.iteration_s > 0 ? iteration_flops(plan.model, plan.plan).model_flops() / (r.iteration_s * peak) : 0;
+  r.traced_ranks = options.traced_ranks.empty() ? std::vector<int>{0} : options.traced_ranks;
+  for (int t : r.traced_ranks) r.timings.push_back(replay.ranks()[static_cast<std::size_t>(t)].timing);
+  return r;
+}
+
+SimResult from_json(const nlohmann::json& j) {
+  SimResult r;
+  r.iteration_s = j.at("iteration_s");
+  r.slowest_rank = j.at("slowest_rank");
+  r.breakdown = {j.at("breakdown").at("compute_s"), j.at("breakdown").at("exposed_comm_s"), j.at("breakdown").at("bubble_s"),
+                 j.at("breakdown").at("other_s")};
+  r.tokens_per_s = j.at("tokens_per_s");
+  r.mfu = j.at("mfu");
+  r.rank_end_s = j.at("rank_end_s").get<std::vector<double>>();
+  r.traced_ranks = j.at("traced_ranks").get<std::vector<int>>();
+  r.flows = j.at("flows");
+  for (const auto& per_rank : j.at("timings")) {
+    std::vector<OpTiming> t;
+    for (const auto& p : per_rank) t.push_back({p[0], p[1]});
+    r.timings.push_back(std::move(t));
+  }
+  return r;
+}
+
+}  // namespace
+
+nlohmann::json SimResult::to_json() const {
+  nlohmann::json t = nlohmann::json::array();
+  for (const auto& per_rank : timings) {
+    nlohmann::json a = nlohmann::json::array();
+    for (const OpTiming& o : per_rank) a.push_back({o.start, o.end});
+    t.push_back(std::move(a));
+  }
+  return {{"iteration_s", iteration_s},
+          {"slowest_rank", slowest_rank},
+          {"breakdown",
+           {{"compute_s", breakdown.compute_s},
+            {"exposed_comm_s", breakdown.exposed_comm_s},
+            {"bubble_s", breakdown.bubble_s},
+            {"other_s", breakdown.other_s}}},
+          {"tokens_per_s", tokens_per_s},
+          {"mfu", mfu},
+          {"rank_end_s", rank_end_s},
+          {"traced_ranks", traced_ranks},
+          {"flows", flows},
+          {"timings", std::move(t)}};
+}
+
+SimResult simulate(const CompiledPlan& plan, const ClusterSpec& cluster, const SimOptions& options) {
+  if (plan.topology.world_size() > cluster.num_gpus())
+    throw Error(ErrorKind::Plan, {cluster.file},
+                fmt::format("the plan needs {} GPUs but {} has {}", plan.topology.world_size(), cluster.name, cluster.num_gpus()),
+                "choose a larger cluster or a smaller plan");
+  int fds[2];
+  if (pipe(fds) != 0) throw Error(ErrorKind::Io, {}, fmt::format("pipe: {}", std::strerror(errno)));
+  const pid_t child = fork();
+  if (child < 0) throw Error(ErrorKind::Io, {}, fmt::format("fork: {}", std::strerror(errno)));
+  if (child == 0) {
+    close(fds[0]);
+    int code = 0;
+    std::string out;
+    try {
+      out = run_replay(plan, cluster, options).to_json().dump();
+    } catch (const std::exception& e) {
+      out = nlohmann::json{{"error", e.what()}}.dump();
+      code = 1;
+    }
+    for (std::size_t at = 0; at < out.size();) {
+      const ssize_t n = write(fds[1], out.data() + at, out.size() - at);
+      if (n <= 0) _exit(2);
+      at += static_cast<std::size_t>(n);
+    }
+    _exit(code);
+  }
+  close(fds[1]);
+  std::string in;
+  char buf[1 << 16];
+  for (ssize_t n; (n = read(fds[0], buf, sizeof buf)) > 0;) in.append(buf, static_cast<std::size_t>(n));
+  close(fds[0]);
+  int status = 0;
+  waitpid(child, &status, 0);
+  const nlohmann::json j = nlohmann::json::parse(in, nullptr, false);
+  if (!WIFEXITED(status) || WEXITSTATUS(status) != 0 || j.is_discarded() || j.contains("error"))
+    throw Error(ErrorKind::Usage, {}, fmt::format("the replay failed: {}", j.is_object() && j.contains("error") ? j["error"].get<std::string>() : "the simulation process died"));
+  return from_json(j);
+}
+
+}  // namespace px::sim

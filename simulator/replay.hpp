@@ -1,0 +1,53 @@
+// Replay of a compiled plan on a simulated cluster: every rank's op program runs on its GPU host
+// of a SimGrid platform, one actor per stream, with compute ops costed by the cost model and
+// every comm op decomposed into the flows its algorithm sends (ring all-reduce, reduce-scatter
+// and all-gather, direct all-to-all, point-to-point), which share the platform's links, so
+// contention is simulated, not assumed. Same inputs, same output, bit for bit.
+#pragma once
+
+#include <functional>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
+#include "engine/plan/compiler.hpp"
+#include "engine/plan/dry_run.hpp"
+#include "simulator/cost_model.hpp"
+
+namespace px::sim {
+
+struct SimOptions {
+  CostModelOptions cost;
+  // Replaces the cost model for compute and memory ops when set (closed-form tests; calibration
+  // profiles plug in here).
+  std::function<double(const Program&, const Op&)> op_cost;
+  std::vector<int> traced_ranks;  // ranks whose per-op timings come back (for traces); empty: rank 0
+};
+
+// Where the slowest rank's iteration went: its compute stream busy, waiting for communication the
+// compute depends on, waiting for pipeline neighbours (the bubble), and any other wait.
+struct Breakdown {
+  double compute_s = 0;
+  double exposed_comm_s = 0;
+  double bubble_s = 0;
+  double other_s = 0;
+};
+
+struct SimResult {
+  double iteration_s = 0;          // first op's start to last op's end, slowest rank
+  int slowest_rank = 0;
+  Breakdown breakdown;             // of the slowest rank
+  double tokens_per_s = 0;         // global batch tokens / iteration
+  double mfu = 0;                  // model FLOPs / (iteration · ranks · dense bf16 peak)
+  std::vector<double> rank_end_s;  // per rank, when its last op ended
+  std::vector<int> traced_ranks;
+  std::vector<std::vector<OpTiming>> timings;  // per traced rank, per op
+  std::int64_t flows = 0;          // network transfers simulated
+  nlohmann::json to_json() const;
+};
+
+// Runs the replay in a child process (SimGrid keeps one engine per process) and returns its
+// result. Throws px::Error when the plan needs more GPUs than the cluster has or the replay fails.
+SimResult simulate(const CompiledPlan& plan, const ClusterSpec& cluster, const SimOptions& options = {});
+
+}  // namespace px::sim

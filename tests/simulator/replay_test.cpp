@@ -1,0 +1,149 @@
+// The replay against closed forms on an uncontended platform: a ring all-reduce takes 2(n-1)
+// point-to-point steps of S/n, a direct all-to-all shares each GPU's link among its n-1 flows,
+// and a pipeline of known stage times has the 1F1B bubble (p-1)/(m+p-1). Then: the same inputs
+// give the same output, bit for bit, and a whole compiled plan replays on an H100 node.
+#include <gtest/gtest.h>
+
+#include "engine/plan/compiler.hpp"
+#include "engine/spec/spec_yaml.hpp"
+#include "engine/spec/validate.hpp"
+#include "engine/trace/chrome_trace.hpp"
+#include "simulator/replay.hpp"
+
+namespace px::sim {
+namespace {
+
+const SpecCatalog& catalog() {
+  static const SpecCatalog cat(PX_DATASETS_DIR);
+  return cat;
+}
+
+CompiledPlan compile(const char* model, const std::function<void(PlanSpec&)>& set) {
+  const ModelSpec m = catalog().model(model);
+  PlanSpec p;
+  set(p);
+  return compile_plan(m, resolve_plan(p, m, nullptr));
+}
+
+// Every role's program replaced by one comm op (the topology and groups stay the plan's).
+CompiledPlan with_single_op(CompiledPlan plan, OpKind kind, GroupKind group, Stream stream, std::int64_t bytes, std::int8_t peer = 0) {
+  for (Program& p : plan.roles) {
+    Program one;
+    one.pp_stage = p.pp_stage;
+    one.names = {"op"};
+    Op op;
+    op.kind = kind;
+    op.group = group;
+    op.stream = stream;
+    op.comm_bytes = bytes;
+    op.peer = peer;
+    one.ops.push_back(op);
+    p = std::move(one);
+  }
+  return plan;
+}
+
+const ClusterSpec& h100_node() {
+  static const ClusterSpec c = catalog().cluster("h100-8");
+  return c;
+}
+
+// One uncontended message of `bytes` from GPU 0 to GPU 1 of the node.
+double one_flow(std::int64_t bytes) {
+  CompiledPlan plan = compile("tiny-gpt-deep", [](PlanSpec& p) {
+    p.pipeline_model_parallel_size = 2;
+    p.global_batch_size = 2;
+  });
+  plan = with_single_op(plan, OpKind::Send, GroupKind::PP, Stream::PipeSendNext, bytes, 1);
+  Op& recv = plan.roles[1].ops[0];
+  recv.kind = OpKind::Recv;
+  recv.peer = -1;
+  recv.stream = Stream::PipeRecvPrev;
+  return simulate(plan, h100_node()).iteration_s;
+}
+
+CompiledPlan dp8(OpKind kind, std::int64_t bytes) {
+  const CompiledPlan plan = compile("tiny-gpt", [](PlanSpec& p) {
+    p.data_parallel_size = 8;
+    p.global_batch_size = 8;
+  });
+  return with_single_op(plan, kind, GroupKind::DP, Stream::DataComm, bytes);
+}
+
+TEST(Replay, RingAllReduceTakesTwoNMinusOneSteps) {
+  const std::int64_t bytes = 256 << 20, n = 8;
+  const double expected = 2 * (n - 1) * one_flow(bytes / n);
+  EXPECT_NEAR(simulate(dp8(OpKind::AllReduce, bytes), h100_node()).iteration_s / expected, 1.0, 0.01);
+  EXPECT_NEAR(simulate(dp8(OpKind::AllGather, bytes), h100_node()).iteration_s / ((n - 1) * one_flow(bytes / n)), 1.0, 0.01);
+}
+
+TEST(Replay, DirectAllToAllSharesEachLinkAmongItsFlows) {
+  const std::int64_t bytes = 64 << 20, n = 8;
+  // n-1 flows of S/n leave and reach each GPU at once: one flow's latency, (n-1) S/n of bandwidth.
+  EXPECT_NEAR(simulate(dp8(OpKind::AllToAll, bytes), h100_node()).iteration_s / one_flow((n - 1) * bytes / n), 1.0, 0.01);
+}
+
+TEST(Replay, PipelineOfKnownStageTimesHasTheOneFOneBBubble) {
+  const CompiledPlan plan = compile("tiny-gpt-deep", [](PlanSpec& p) {
+    p.pipeline_model_parallel_size = 4;
+    p.global_batch_size = 8;
+  });
+  SimOptions o;
+  // 1 ms per layer compute op, nothing elsewhere: every stage's passes take equal time.
+  o.op_cost = [](const Program&, const Op& op) { return op.layer != kNone && op.stream == Stream::Compute ? 1e-3 : 0.0; };
+  const SimResult r = simulate(plan, h100_node(), o);
+  const double p = 4, m = 8;
+  EXPECT_NEAR(1.0 - r.breakdown.compute_s / r.iteration_s, (p - 1) / (m + p - 1), 0.01 * (p - 1) / (m + p - 1));
+  EXPECT_GT(r.breakdown.bubble_s, 0.0);
+}
+
+TEST(Replay, SameInputsGiveBitIdenticalOutput) {
+  const CompiledPlan plan = compile("tiny-moe", [](PlanSpec& p) {
+    p.tensor_model_parallel_size = 2;
+    p.sequence_parallel = true;
+    p.data_parallel_size = 2;
+    p.expert_model_parallel_size = 2;
+    p.pipeline_model_parallel_size = 2;
+    p.global_batch_size = 4;
+  });
+  SimOptions o;
+  o.traced_ranks = {0, 7};
+  EXPECT_EQ(simulate(plan, h100_node(), o).to_json().dump(), simulate(plan, h100_node(), o).to_json().dump());
+}
+
+TEST(Replay, ACompiledPlanReplaysWithEveryOpTimed) {
+  const CompiledPlan plan = compile("gpt2-124m", [](PlanSpec& p) {
+    p.tensor_model_parallel_size = 2;
+    p.pipeline_model_parallel_size = 2;
+    p.data_parallel_size = 2;
+    p.micro_batch_size = 4;
+    p.global_batch_size = 32;
+  });
+  SimOptions o;
+  o.traced_ranks = {0, 4};
+  const SimResult r = simulate(plan, h100_node(), o);
+  ASSERT_EQ(r.timings.size(), 2u);
+  for (std::size_t k = 0; k < 2; ++k)
+    for (const OpTiming& t : r.timings[k]) EXPECT_LE(t.start, t.end);
+  EXPECT_GT(r.iteration_s, 0);
+  EXPECT_GT(r.mfu, 0.05);
+  EXPECT_LT(r.mfu, 0.8);
+  const Breakdown& b = r.breakdown;
+  EXPECT_NEAR(b.compute_s + b.exposed_comm_s + b.bubble_s + b.other_s, r.iteration_s, 1e-9 * r.iteration_s);
+  // The simulated trace is a trace like the engine's.
+  ChromeTrace trace(plan, {4, "nccl", h100_node().gpu.name, true});
+  trace.add_iteration(0, r.timings[1]);
+  const std::vector<std::string> problems = check_chrome_trace(trace.to_json());
+  EXPECT_TRUE(problems.empty()) << problems.front();
+}
+
+TEST(Replay, APlanLargerThanTheClusterIsRefused) {
+  const CompiledPlan plan = compile("tiny-gpt", [](PlanSpec& p) {
+    p.data_parallel_size = 16;
+    p.global_batch_size = 16;
+  });
+  EXPECT_THROW(simulate(plan, h100_node()), Error);
+}
+
+}  // namespace
+}  // namespace px::sim
