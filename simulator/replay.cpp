@@ -11,6 +11,7 @@
 #include <array>
 #include <cerrno>
 #include <cstring>
+#include <map>
 #include <fmt/format.h>
 #include <simgrid/s4u.hpp>
 
@@ -44,8 +45,18 @@ int token = 0;  // the payload of every simulated message: only its size matters
 class Replay {
  public:
   Replay(const CompiledPlan& plan, const ClusterSpec& cluster, const SimOptions& options)
-      : plan_(plan), cost_(cluster.gpu, cluster.node, options.cost), op_cost_(options.op_cost), ranks_(static_cast<std::size_t>(plan.topology.world_size())) {
-    for (const Program& p : plan.roles) seq_.push_back(collective_sequence(p));
+      : plan_(plan),
+        cost_(cluster.gpu, cluster.node, options.cost),
+        op_cost_(options.op_cost),
+        closed_form_(options.closed_form_exclusive_groups),
+        ranks_(static_cast<std::size_t>(plan.topology.world_size())) {
+    for (const Program& p : plan.roles) {
+      seq_.push_back(collective_sequence(p));
+      std::vector<char> watched(p.ops.size(), 0);
+      for (const Op& op : p.ops)
+        for (auto d : p.deps_of(op)) watched[d] = 1;
+      watched_.push_back(std::move(watched));
+    }
     for (std::size_t r = 0; r < ranks_.size(); ++r) {
       const Program& prog = plan.program_of(static_cast<int>(r));
       ranks_[r].done.assign(prog.ops.size(), 0);
@@ -53,7 +64,38 @@ class Replay {
     }
   }
 
+  // A group kind whose every instance lies inside one node, while no other group shares a node's
+  // GPUs, owns those GPUs' NVLink links: its collectives cannot contend, so they cost their closed
+  // form (after all members arrive) instead of being simulated flow by flow — the bulk of a large
+  // plan's flows, since tensor parallelism lives inside the NVSwitch domain.
+  void find_exclusive_groups(const Platform& platform) {
+    const Topology& topo = plan_.topology;
+    std::array<bool, kNumGroupKinds> used{}, intra{}, contained{};
+    contained.fill(true);
+    for (const Program& p : plan_.roles)
+      for (const Op& op : p.ops)
+        if (is_comm(op.kind)) used[static_cast<std::size_t>(op.group)] = true;
+    for (int g = 1; g < kNumGroupKinds; ++g) {
+      const auto kind = static_cast<GroupKind>(g);
+      if (topo.size(kind) < 2 || !used[static_cast<std::size_t>(g)]) continue;
+      for (int id = 0; id < topo.num_groups(kind); ++id) {
+        const std::vector<int> m = topo.members(kind, id);
+        std::vector<int> nodes;
+        for (int r : m) nodes.push_back(platform.node_of(r));
+        std::sort(nodes.begin(), nodes.end());
+        intra[static_cast<std::size_t>(g)] = intra[static_cast<std::size_t>(g)] || std::adjacent_find(nodes.begin(), nodes.end()) != nodes.end();
+        contained[static_cast<std::size_t>(g)] = contained[static_cast<std::size_t>(g)] && nodes.front() == nodes.back();
+      }
+    }
+    const auto users = std::count(intra.begin(), intra.end(), true);
+    for (int g = 1; g < kNumGroupKinds; ++g)
+      exclusive_[static_cast<std::size_t>(g)] =
+          closed_form_ && users == 1 && intra[static_cast<std::size_t>(g)] && contained[static_cast<std::size_t>(g)];
+    platform_ = &platform;
+  }
+
   void start(const Platform& platform) {
+    find_exclusive_groups(platform);
     for (int r = 0; r < plan_.topology.world_size(); ++r) {
       const Program& prog = plan_.program_of(r);
       std::array<std::vector<std::uint32_t>, kNumStreams> streams;
@@ -70,26 +112,53 @@ class Replay {
   std::int64_t flows() const { return flows_; }
 
  private:
+  double compute_cost(const Program& prog, const Op& op) const { return op_cost_ ? op_cost_(prog, op) : cost_.cost(op).seconds; }
+
+  // Consecutive compute ops of a stream that nothing else waits on run back to back, so they take
+  // one sleep for their summed cost and get their timings by addition: the same times, far fewer
+  // simulation events. A run ends at an op another stream waits for, or before one that waits.
   void run_stream(int rank, const std::vector<std::uint32_t>& ops) {
     RankState& st = ranks_[static_cast<std::size_t>(rank)];
     const Program& prog = plan_.program_of(rank);
-    for (std::uint32_t i : ops) {
+    const std::vector<char>& watched = watched_[static_cast<std::size_t>(prog.pp_stage)];
+    for (std::size_t k = 0; k < ops.size();) {
+      const std::uint32_t i = ops[k];
       const Op& op = prog.ops[i];
       {
         std::unique_lock lock(*st.mutex);
         for (auto d : prog.deps_of(op))
           while (!st.done[d]) st.cv->wait(lock);
       }
-      st.timing[i].start = s4u::Engine::get_clock();
-      if (is_comm(op.kind))
+      const double start = s4u::Engine::get_clock();
+      if (is_comm(op.kind)) {
+        st.timing[i].start = start;
         communicate(rank, prog, i);
-      else
-        s4u::this_actor::sleep_for(op_cost_ ? op_cost_(prog, op) : cost_.cost(op).seconds);
-      st.timing[i].end = s4u::Engine::get_clock();
-      std::unique_lock lock(*st.mutex);
-      st.done[i] = 1;
-      st.cv->notify_all();
+        st.timing[i].end = s4u::Engine::get_clock();
+        finish(st, i);
+        ++k;
+        continue;
+      }
+      std::size_t last = k;
+      while (last + 1 < ops.size() && !watched[ops[last]] && !is_comm(prog.ops[ops[last + 1]].kind) &&
+             prog.deps_of(prog.ops[ops[last + 1]]).empty())
+        ++last;
+      double t = start;
+      for (std::size_t q = k; q <= last; ++q) {
+        st.timing[ops[q]].start = t;
+        t += compute_cost(prog, prog.ops[ops[q]]);
+        st.timing[ops[q]].end = t;
+      }
+      s4u::this_actor::sleep_until(t);
+      for (std::size_t q = k; q <= last; ++q) st.done[ops[q]] = 1;
+      finish(st, ops[last]);
+      k = last + 1;
     }
+  }
+
+  void finish(RankState& st, std::uint32_t i) {
+    std::unique_lock lock(*st.mutex);
+    st.done[i] = 1;
+    st.cv->notify_all();
   }
 
   s4u::Mailbox* box(const std::string& name) { return s4u::Mailbox::by_name(name); }
@@ -124,6 +193,25 @@ class Replay {
     const std::string key = fmt::format("{} {} {}", to_string(op.group), id, seq_[static_cast<std::size_t>(prog.pp_stage)][i]);
     auto at = [&](int member, int step) { return box(fmt::format("{} s{} m{}", key, step, member)); };
     const int next = (me + 1) % n;
+    if (exclusive_[static_cast<std::size_t>(op.group)]) {
+      const std::string group = fmt::format("{} {}", to_string(op.group), id);
+      auto& barrier = barriers_[group];
+      if (!barrier) barrier = s4u::Barrier::create(static_cast<unsigned>(n));
+      barrier->wait();
+      const Path p = platform_->path(members[static_cast<std::size_t>(me)], members[static_cast<std::size_t>(next)]);
+      const double step = p.latency_s + bytes / n / p.bottleneck_bytes_per_s;
+      double t = 0;
+      switch (op.kind) {
+        case OpKind::AllReduce: t = 2 * (n - 1) * step; break;
+        case OpKind::ReduceScatter:
+        case OpKind::AllGather: t = (n - 1) * step; break;
+        case OpKind::AllToAll: t = p.latency_s + (n - 1) * bytes / n / p.bottleneck_bytes_per_s; break;
+        case OpKind::RingExchange: t = p.latency_s + bytes / p.bottleneck_bytes_per_s; break;
+        default: break;
+      }
+      s4u::this_actor::sleep_for(t);
+      return;
+    }
     switch (op.kind) {
       case OpKind::AllReduce:  // ring: reduce-scatter then all-gather, 2(n-1) steps of S/n
         for (int s = 0; s < 2 * (n - 1); ++s) send_recv(at(next, s), at(me, s), bytes / n);
@@ -155,8 +243,13 @@ class Replay {
   const CompiledPlan& plan_;
   CostModel cost_;
   std::function<double(const Program&, const Op&)> op_cost_;
+  bool closed_form_;
   std::vector<RankState> ranks_;
   std::vector<std::vector<std::uint32_t>> seq_;
+  std::vector<std::vector<char>> watched_;  // per role: ops another stream waits for
+  std::array<bool, kNumGroupKinds> exclusive_{};
+  const Platform* platform_ = nullptr;
+  std::map<std::string, s4u::BarrierPtr> barriers_;
   std::int64_t flows_ = 0;
 };
 

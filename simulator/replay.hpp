@@ -22,6 +22,9 @@ struct SimOptions {
   // profiles plug in here).
   std::function<double(const Program&, const Op&)> op_cost;
   std::vector<int> traced_ranks;  // ranks whose per-op timings come back (for traces); empty: rank 0
+  // Collectives of a group that alone uses its nodes' NVLink take their closed form instead of
+  // flow-by-flow simulation (exact when nothing else can share those links; see replay.cpp).
+  bool closed_form_exclusive_groups = true;
 };
 
 // Where the slowest rank's iteration went: its compute stream busy, waiting for communication the

@@ -137,6 +137,21 @@ TEST(Replay, ACompiledPlanReplaysWithEveryOpTimed) {
   EXPECT_TRUE(problems.empty()) << problems.front();
 }
 
+TEST(Replay, ClosedFormTensorParallelCollectivesEqualTheirFlows) {
+  // tp8 fills the node and nothing else uses its NVLink: closed forms must be what the flows give.
+  const CompiledPlan plan = compile("llama3-8b", [](PlanSpec& p) {
+    p.tensor_model_parallel_size = 8;
+    p.seq_length = 1024;
+    p.sequence_parallel = true;
+    p.global_batch_size = 2;
+  });
+  SimOptions flows;
+  flows.closed_form_exclusive_groups = false;
+  const SimResult exact = simulate(plan, h100_node(), flows), fast = simulate(plan, h100_node());
+  EXPECT_NEAR(fast.iteration_s / exact.iteration_s, 1.0, 1e-9);
+  EXPECT_LT(fast.flows, exact.flows / 10);
+}
+
 TEST(Replay, APlanLargerThanTheClusterIsRefused) {
   const CompiledPlan plan = compile("tiny-gpt", [](PlanSpec& p) {
     p.data_parallel_size = 16;
