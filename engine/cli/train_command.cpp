@@ -7,6 +7,7 @@
 #include <nlohmann/json.hpp>
 
 #include "engine/cli/commands.hpp"
+#include "engine/comm/launch.hpp"
 #include "engine/core/error.hpp"
 #include "engine/spec/spec_yaml.hpp"
 #ifdef PX_HAVE_TRAIN
@@ -39,7 +40,9 @@ void register_train(CLI::App& app, Options& o) {
 
 int train(const Options& o, int* argc, char*** argv) {
 #ifdef PX_HAVE_TRAIN
-  MpiRuntime mpi(argc, argv);
+  // Everything that can be wrong with the input is found before MPI starts: the launcher's
+  // variables say how many ranks the job has.
+  const LaunchInfo launch = discover_launch();
   const SpecCatalog cat(o.datasets.empty() ? SpecCatalog::default_root() : std::filesystem::path(o.datasets));
   TrainConfig c;
   c.model = cat.model(o.model);
@@ -47,9 +50,15 @@ int train(const Options& o, int* argc, char*** argv) {
   if (with.plan.precision.empty()) with.plan.precision = "fp32";
   if (!with.plan.dp && with.plan.plan_file.empty()) {
     const int model_parallel = with.plan.tp.value_or(1) * with.plan.pp.value_or(1) * with.plan.cp.value_or(1);
-    if (mpi.world_size() % model_parallel == 0) with.plan.dp = mpi.world_size() / model_parallel;
+    if (launch.world_size % model_parallel == 0) with.plan.dp = launch.world_size / model_parallel;
   }
   c.plan = plan_from_flags(with, c.model);
+  if (c.plan.precision != DType::F32) throw Error(ErrorKind::Usage, {}, "the CPU engine trains in fp32", "pass --precision fp32");
+  if (c.plan.world_size() != launch.world_size)
+    throw Error(ErrorKind::Usage, {},
+                fmt::format("the plan needs {} ranks but the job has {}", c.plan.world_size(), launch.world_size),
+                fmt::format("launch with mpirun -np {}", c.plan.world_size()));
+  MpiRuntime mpi(argc, argv);
   c.datasets_dir = cat.root();
   c.data = o.train.data;
   c.iterations = o.train.iterations;
