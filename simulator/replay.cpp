@@ -48,6 +48,7 @@ class Replay {
       : plan_(plan),
         cost_(cluster.gpu, cluster.node, options.cost),
         op_cost_(options.op_cost),
+        slowdown_(options.slowdown),
         closed_form_(options.closed_form_exclusive_groups),
         ranks_(static_cast<std::size_t>(plan.topology.world_size())) {
     for (const Program& p : plan.roles) {
@@ -143,9 +144,11 @@ class Replay {
              prog.deps_of(prog.ops[ops[last + 1]]).empty())
         ++last;
       double t = start;
+      const auto slow = slowdown_.find(rank);
+      const double factor = slow == slowdown_.end() ? 1.0 : slow->second;
       for (std::size_t q = k; q <= last; ++q) {
         st.timing[ops[q]].start = t;
-        t += compute_cost(prog, prog.ops[ops[q]]);
+        t += factor * compute_cost(prog, prog.ops[ops[q]]);
         st.timing[ops[q]].end = t;
       }
       s4u::this_actor::sleep_until(t);
@@ -243,6 +246,7 @@ class Replay {
   const CompiledPlan& plan_;
   CostModel cost_;
   std::function<double(const Program&, const Op&)> op_cost_;
+  std::map<int, double> slowdown_;
   bool closed_form_;
   std::vector<RankState> ranks_;
   std::vector<std::vector<std::uint32_t>> seq_;

@@ -6,6 +6,7 @@
 #pragma once
 
 #include <functional>
+#include <map>
 #include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
@@ -25,6 +26,9 @@ struct SimOptions {
   // Collectives of a group that alone uses its nodes' NVLink take their closed form instead of
   // flow-by-flow simulation (exact when nothing else can share those links; see replay.cpp).
   bool closed_form_exclusive_groups = true;
+  // What-if: rank -> factor its compute and memory ops take longer by (a straggling or throttled
+  // GPU); ranks not listed run at 1.
+  std::map<int, double> slowdown;
 };
 
 // Where the slowest rank's iteration went: its compute stream busy, waiting for communication the

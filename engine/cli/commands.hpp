@@ -35,6 +35,7 @@ struct TrainFlags {
 struct SimulateFlags {
   std::string trace_out, db, experiment = "simulate";
   std::vector<int> trace_ranks;
+  std::vector<std::string> slowdown;  // RANK=FACTOR
 };
 
 struct Options {

@@ -28,6 +28,7 @@ void register_simulate(CLI::App& app, Options& o) {
   o.simulate_cmd->add_option("--trace-out", o.sim.trace_out, "Write simulated per-rank Chrome traces into this folder");
   o.simulate_cmd->add_option("--trace-ranks", o.sim.trace_ranks, "Ranks to trace (default: rank 0)");
   o.simulate_cmd->add_option("--db", o.sim.db, "Results database to record the prediction in");
+  o.simulate_cmd->add_option("--slowdown", o.sim.slowdown, "What-if: RANK=FACTOR, that rank's GPU computes FACTOR times slower (repeatable)");
   o.simulate_cmd->add_option("--experiment", o.sim.experiment, "Experiment name in the results database");
 }
 
@@ -41,6 +42,15 @@ int simulate(const Options& o) {
   const CompiledPlan plan = compile_plan(model, plan_spec);
   sim::SimOptions options;
   options.traced_ranks = o.sim.trace_ranks;
+  for (const std::string& s : o.sim.slowdown) {
+    int rank = -1;
+    double factor = 0;
+    char tail = 0;
+    if (std::sscanf(s.c_str(), "%d=%lf%c", &rank, &factor, &tail) != 2 || rank < 0 || rank >= plan.topology.world_size() || !(factor > 0))
+      throw Error(ErrorKind::Usage, {}, fmt::format("--slowdown '{}' is not RANK=FACTOR with a rank of the plan and a positive factor", s),
+                  "e.g. --slowdown 5=1.5");
+    options.slowdown[rank] = factor;
+  }
   for (int r : options.traced_ranks)
     if (r < 0 || r >= plan.topology.world_size())
       throw Error(ErrorKind::Usage, {}, fmt::format("--trace-ranks {} is outside the plan's {} ranks", r, plan.topology.world_size()));

@@ -152,6 +152,22 @@ TEST(Replay, ClosedFormTensorParallelCollectivesEqualTheirFlows) {
   EXPECT_LT(fast.flows, exact.flows / 10);
 }
 
+TEST(Replay, OneStragglerSlowsTheWholeDataParallelJob) {
+  const CompiledPlan plan = compile("gpt2-124m", [](PlanSpec& p) {
+    p.data_parallel_size = 8;
+    p.micro_batch_size = 4;
+    p.global_batch_size = 32;
+  });
+  SimOptions slow;
+  slow.slowdown = {{5, 1.5}};
+  const SimResult base = simulate(plan, h100_node()), r = simulate(plan, h100_node(), slow);
+  // Everyone waits for rank 5 at the gradient all-reduce: the iteration grows by about half its
+  // compute, and rank 5 is the slowest.
+  EXPECT_EQ(r.slowest_rank, 5);
+  EXPECT_GT(r.iteration_s, base.iteration_s + 0.4 * base.breakdown.compute_s);
+  EXPECT_LT(r.iteration_s, base.iteration_s + 0.6 * base.breakdown.compute_s + base.breakdown.exposed_comm_s);
+}
+
 TEST(Replay, APlanLargerThanTheClusterIsRefused) {
   const CompiledPlan plan = compile("tiny-gpt", [](PlanSpec& p) {
     p.data_parallel_size = 16;
