@@ -5,7 +5,8 @@
 
 namespace px::sim {
 
-CostModel::CostModel(const GpuSpec& gpu, const NodeSpec& node, CostModelOptions options) : gpu_(gpu), node_(node), o_(options) {}
+CostModel::CostModel(const GpuSpec& gpu, const NodeSpec& node, CostModelOptions options, const CalibrationProfile* profile)
+    : gpu_(gpu), node_(node), o_(options), profile_(profile) {}
 
 double CostModel::peak_flops(DType dtype) const {
   switch (dtype) {
@@ -18,6 +19,8 @@ double CostModel::peak_flops(DType dtype) const {
 }
 
 OpCost CostModel::cost(const Op& op) const {
+  if (profile_)
+    if (const auto m = profile_->lookup(op)) return {profile_->dispatch_gap_s() + m->seconds, "measured", m->spread};
   if (op.kind == OpKind::CopyD2H || op.kind == OpKind::CopyH2D)
     return {static_cast<double>(op.comm_bytes) / (1e9 * node_.pcie_bandwidth_gbs), "pcie"};
   const double bytes = static_cast<double>(op.bytes_read + op.bytes_written);

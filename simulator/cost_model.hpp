@@ -8,6 +8,7 @@
 
 #include "engine/plan/program.hpp"
 #include "engine/spec/spec.hpp"
+#include "simulator/calibration.hpp"
 
 namespace px::sim {
 
@@ -24,12 +25,14 @@ struct CostModelOptions {
 
 struct OpCost {
   double seconds = 0;
-  std::string_view model;  // "roofline-compute", "roofline-memory", "pcie", "host", "free"
+  std::string_view model;  // "measured", "roofline-compute", "roofline-memory", "pcie", "host", "free"
+  double spread = 0;       // measured: the samples' relative spread (the lookup's fit residual)
 };
 
 class CostModel {
  public:
-  CostModel(const GpuSpec& gpu, const NodeSpec& node, CostModelOptions options = {});
+  // `profile`, when given, costs every op it has measured; the roofline costs the rest.
+  CostModel(const GpuSpec& gpu, const NodeSpec& node, CostModelOptions options = {}, const CalibrationProfile* profile = nullptr);
   // A compute or memory op (comm ops are simulated as flows, not costed here).
   OpCost cost(const Op& op) const;
 
@@ -38,6 +41,7 @@ class CostModel {
   GpuSpec gpu_;
   NodeSpec node_;
   CostModelOptions o_;
+  const CalibrationProfile* profile_;
 };
 
 }  // namespace px::sim

@@ -26,6 +26,7 @@ namespace s4u = simgrid::s4u;
 
 struct RankState {
   std::vector<char> done;
+  std::uint32_t issue = 0;  // in-order issue: the next op the host thread may issue
   std::vector<OpTiming> timing;
   s4u::MutexPtr mutex = s4u::Mutex::create();
   s4u::ConditionVariablePtr cv = s4u::ConditionVariable::create();
@@ -46,10 +47,12 @@ class Replay {
  public:
   Replay(const CompiledPlan& plan, const ClusterSpec& cluster, const SimOptions& options)
       : plan_(plan),
-        cost_(cluster.gpu, cluster.node, options.cost),
+        cost_(cluster.gpu, cluster.node, options.cost, options.profile ? &*options.profile : nullptr),
         op_cost_(options.op_cost),
         slowdown_(options.slowdown),
         closed_form_(options.closed_form_exclusive_groups),
+        in_order_(options.in_order_issue),
+        profile_(options.profile ? &*options.profile : nullptr),
         ranks_(static_cast<std::size_t>(plan.topology.world_size())) {
     for (const Program& p : plan.roles) {
       seq_.push_back(collective_sequence(p));
@@ -127,12 +130,14 @@ class Replay {
       const Op& op = prog.ops[i];
       {
         std::unique_lock lock(*st.mutex);
+        while (in_order_ && st.issue != i) st.cv->wait(lock);
         for (auto d : prog.deps_of(op))
           while (!st.done[d]) st.cv->wait(lock);
       }
       const double start = s4u::Engine::get_clock();
       if (is_comm(op.kind)) {
         st.timing[i].start = start;
+        if (in_order_) issued(st, i);
         communicate(rank, prog, i);
         st.timing[i].end = s4u::Engine::get_clock();
         finish(st, i);
@@ -141,7 +146,7 @@ class Replay {
       }
       std::size_t last = k;
       while (last + 1 < ops.size() && !watched[ops[last]] && !is_comm(prog.ops[ops[last + 1]].kind) &&
-             prog.deps_of(prog.ops[ops[last + 1]]).empty())
+             prog.deps_of(prog.ops[ops[last + 1]]).empty() && (!in_order_ || ops[last + 1] == ops[last] + 1))
         ++last;
       double t = start;
       const auto slow = slowdown_.find(rank);
@@ -153,9 +158,16 @@ class Replay {
       }
       s4u::this_actor::sleep_until(t);
       for (std::size_t q = k; q <= last; ++q) st.done[ops[q]] = 1;
+      if (in_order_) st.issue = ops[last] + 1;
       finish(st, ops[last]);
       k = last + 1;
     }
+  }
+
+  void issued(RankState& st, std::uint32_t i) {
+    std::unique_lock lock(*st.mutex);
+    st.issue = i + 1;
+    st.cv->notify_all();
   }
 
   void finish(RankState& st, std::uint32_t i) {
@@ -182,6 +194,15 @@ class Replay {
       const bool forward = (op.kind == OpKind::Send) == (op.peer > 0);
       const int src = op.kind == OpKind::Send ? rank : peer, dst = op.kind == OpKind::Send ? peer : rank;
       s4u::Mailbox* mb = box(fmt::format("p2p {}>{} {}", src, dst, forward ? 'f' : 'b'));
+      if (const auto measured = profile_ ? profile_->collective_seconds(op.kind, 2, bytes) : std::nullopt) {
+        // The benchmarked message time, once both sides are there (a rendezvous of no bytes).
+        if (op.kind == OpKind::Send)
+          mb->put(&token, 0);
+        else
+          mb->get<int>();
+        s4u::this_actor::sleep_for(*measured);
+        return;
+      }
       if (op.kind == OpKind::Send) {
         mb->put(&token, static_cast<std::uint64_t>(bytes));
         ++flows_;
@@ -204,6 +225,10 @@ class Replay {
       const Path p = platform_->path(members[static_cast<std::size_t>(me)], members[static_cast<std::size_t>(next)]);
       const double step = p.latency_s + bytes / n / p.bottleneck_bytes_per_s;
       double t = 0;
+      if (const auto measured = profile_ ? profile_->collective_seconds(op.kind, n, bytes) : std::nullopt) {
+        s4u::this_actor::sleep_for(*measured);
+        return;
+      }
       switch (op.kind) {
         case OpKind::AllReduce: t = 2 * (n - 1) * step; break;
         case OpKind::ReduceScatter:
@@ -248,6 +273,8 @@ class Replay {
   std::function<double(const Program&, const Op&)> op_cost_;
   std::map<int, double> slowdown_;
   bool closed_form_;
+  bool in_order_;
+  const CalibrationProfile* profile_;
   std::vector<RankState> ranks_;
   std::vector<std::vector<std::uint32_t>> seq_;
   std::vector<std::vector<char>> watched_;  // per role: ops another stream waits for
@@ -303,6 +330,21 @@ SimResult run_replay(const CompiledPlan& plan, const ClusterSpec& cluster, const
     }
   }
   r.breakdown = breakdown(plan.program_of(r.slowest_rank), replay.ranks()[static_cast<std::size_t>(r.slowest_rank)].timing, r.iteration_s);
+  {
+    const CostModel costs(cluster.gpu, cluster.node, options.cost, options.profile ? &*options.profile : nullptr);
+    double all = 0, measured = 0, spread = 0;
+    for (const Op& op : plan.program_of(r.slowest_rank).ops) {
+      if (op.stream != Stream::Compute || is_comm(op.kind)) continue;
+      const OpCost c = costs.cost(op);
+      all += c.seconds;
+      if (c.model == "measured") {
+        measured += c.seconds;
+        spread += c.seconds * c.spread;
+      }
+    }
+    r.measured_fraction = all > 0 ? measured / all : 0;
+    r.measured_spread = measured > 0 ? spread / measured : 0;
+  }
   const double tokens = static_cast<double>(plan.plan.global_batch_size) * plan.plan.seq_length;
   r.tokens_per_s = r.iteration_s > 0 ? tokens / r.iteration_s : 0;
   const double peak = 1e12 * cluster.gpu.peak_bf16_tflops * plan.topology.world_size();
@@ -323,6 +365,8 @@ SimResult from_json(const nlohmann::json& j) {
   r.rank_end_s = j.at("rank_end_s").get<std::vector<double>>();
   r.traced_ranks = j.at("traced_ranks").get<std::vector<int>>();
   r.flows = j.at("flows");
+  r.measured_fraction = j.at("measured_fraction");
+  r.measured_spread = j.at("measured_spread");
   for (const auto& per_rank : j.at("timings")) {
     std::vector<OpTiming> t;
     for (const auto& p : per_rank) t.push_back({p[0], p[1]});
@@ -352,6 +396,8 @@ nlohmann::json SimResult::to_json() const {
           {"rank_end_s", rank_end_s},
           {"traced_ranks", traced_ranks},
           {"flows", flows},
+          {"measured_fraction", measured_fraction},
+          {"measured_spread", measured_spread},
           {"timings", std::move(t)}};
 }
 

@@ -7,12 +7,14 @@
 
 #include <functional>
 #include <map>
+#include <optional>
 #include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
 
 #include "engine/plan/compiler.hpp"
 #include "engine/plan/dry_run.hpp"
+#include "simulator/calibration.hpp"
 #include "simulator/cost_model.hpp"
 
 namespace px::sim {
@@ -29,6 +31,12 @@ struct SimOptions {
   // What-if: rank -> factor its compute and memory ops take longer by (a straggling or throttled
   // GPU); ranks not listed run at 1.
   std::map<int, double> slowdown;
+  // The CPU engine's executor: one host thread issues a rank's ops in program order, a compute op
+  // running to completion before the next is issued, a comm op only posted (GPUs issue each
+  // stream independently instead).
+  bool in_order_issue = false;
+  // Measured op costs (parallax calibrate); ops it lacks fall back to the roofline.
+  std::optional<CalibrationProfile> profile;
 };
 
 // Where the slowest rank's iteration went: its compute stream busy, waiting for communication the
@@ -50,6 +58,11 @@ struct SimResult {
   std::vector<int> traced_ranks;
   std::vector<std::vector<OpTiming>> timings;  // per traced rank, per op
   std::int64_t flows = 0;          // network transfers simulated
+  // Of the slowest rank's compute-stream time: the share costed from measurements, and their
+  // time-weighted relative spread (the error band those costs carry; roofline costs carry their
+  // stated efficiencies instead).
+  double measured_fraction = 0;
+  double measured_spread = 0;
   nlohmann::json to_json() const;
 };
 

@@ -383,6 +383,7 @@ int run(const CLI::App&, const Options& o) {
   if (o.plan_check->parsed()) return plan_check(o);
   if (o.plan_show->parsed()) return plan_show(o);
   if (o.simulate_cmd->parsed()) return simulate(o);
+  if (o.calibrate_cmd->parsed()) return calibrate(o);
   return 2;
 }
 

@@ -36,6 +36,11 @@ struct SimulateFlags {
   std::string trace_out, db, experiment = "simulate";
   std::vector<int> trace_ranks;
   std::vector<std::string> slowdown;  // RANK=FACTOR
+  std::string profile;                // calibration profile to cost ops from
+  bool in_order_issue = false;        // model the CPU engine's one-thread issue
+  std::vector<std::string> traces;    // calibrate: the engine's trace files
+  std::vector<std::string> comm_bench;  // calibrate: comm_bench --json outputs
+  std::string out, source;            // calibrate: where the profile goes, what it measured
 };
 
 struct Options {
@@ -53,6 +58,7 @@ struct Options {
   CLI::App* train_cmd = nullptr;
   SimulateFlags sim;
   CLI::App* simulate_cmd = nullptr;
+  CLI::App* calibrate_cmd = nullptr;
 };
 
 // Plan flags shared by every command that takes a plan.
@@ -67,6 +73,7 @@ int train(const Options& o, int* argc, char*** argv);
 // `parallax simulate` (engine/cli/simulate_command.cpp).
 void register_simulate(CLI::App& app, Options& o);
 int simulate(const Options& o);
+int calibrate(const Options& o);
 
 void register_commands(CLI::App& app, Options& opts);
 int run(const CLI::App& app, const Options& opts);

@@ -30,6 +30,35 @@ void register_simulate(CLI::App& app, Options& o) {
   o.simulate_cmd->add_option("--db", o.sim.db, "Results database to record the prediction in");
   o.simulate_cmd->add_option("--slowdown", o.sim.slowdown, "What-if: RANK=FACTOR, that rank's GPU computes FACTOR times slower (repeatable)");
   o.simulate_cmd->add_option("--experiment", o.sim.experiment, "Experiment name in the results database");
+  o.simulate_cmd->add_option("--profile", o.sim.profile, "Calibration profile (parallax calibrate) to cost measured ops from");
+  o.simulate_cmd->add_flag("--in-order-issue", o.sim.in_order_issue, "Issue each rank's ops in program order from one thread (the CPU engine)");
+  o.calibrate_cmd = app.add_subcommand("calibrate", "Build a calibration profile from the engine's traces of a plan");
+  add_plan_flags(o.calibrate_cmd, o);
+  o.calibrate_cmd->add_option("--traces", o.sim.traces, "The run's trace_rank*.json files")->required();
+  o.calibrate_cmd->add_option("--out", o.sim.out, "Profile file to write")->required();
+  o.calibrate_cmd->add_option("--comm-bench", o.sim.comm_bench, "comm_bench --json outputs measured on the same machine");
+  o.calibrate_cmd->add_option("--source", o.sim.source, "What was measured (hardware, software, run), kept in the profile");
+}
+
+int calibrate(const Options& o) {
+#ifdef PX_HAVE_SIMULATOR
+  const SpecCatalog cat(o.datasets.empty() ? SpecCatalog::default_root() : std::filesystem::path(o.datasets));
+  const ModelSpec model = cat.model(o.model);
+  Options with = o;
+  if (with.plan.precision.empty()) with.plan.precision = "fp32";  // what the CPU engine trains in
+  const CompiledPlan plan = compile_plan(model, plan_from_flags(with, model));
+  sim::CalibrationProfile profile;
+  profile.source = o.sim.source;
+  std::vector<std::filesystem::path> files(o.sim.traces.begin(), o.sim.traces.end());
+  profile.add_traces(plan, files);
+  for (const std::string& f : o.sim.comm_bench) profile.add_comm_bench(f);
+  profile.write(o.sim.out);
+  fmt::print("{}: {} op signatures from {} traces\n", o.sim.out, profile.size(), files.size());
+  return 0;
+#else
+  (void)o;
+  throw Error(ErrorKind::Usage, {}, "this build has no SimGrid, so no simulator", "install libsimgrid-dev (./setup.sh) and rebuild");
+#endif
 }
 
 int simulate(const Options& o) {
@@ -42,6 +71,8 @@ int simulate(const Options& o) {
   const CompiledPlan plan = compile_plan(model, plan_spec);
   sim::SimOptions options;
   options.traced_ranks = o.sim.trace_ranks;
+  if (!o.sim.profile.empty()) options.profile = sim::CalibrationProfile::read(o.sim.profile);
+  options.in_order_issue = o.sim.in_order_issue;
   for (const std::string& s : o.sim.slowdown) {
     int rank = -1;
     double factor = 0;
@@ -95,7 +126,10 @@ int simulate(const Options& o) {
                         {"tokens_per_second", r.tokens_per_s},
                         {"mfu", r.mfu},
                         {"mfu_formula", mfu_formula},
-                        {"cost_model", "roofline (no calibration profile)"},
+                        {"cost_model", o.sim.profile.empty() ? "roofline (no calibration profile)" : "measured (" + o.sim.profile + ") with roofline fallback"},
+                        {"measured_fraction", r.measured_fraction},
+                        {"profile_measured_iteration_s", options.profile ? options.profile->measured_iteration_s() : 0.0},
+                        {"measured_spread", r.measured_spread},
                         {"slowest_rank", r.slowest_rank},
                         {"breakdown_s",
                          {{"compute", r.breakdown.compute_s},
@@ -116,8 +150,16 @@ int simulate(const Options& o) {
              1e3 * r.breakdown.other_s);
   for (const auto& role : roles)
     fmt::print("  stage {:>3}: peak memory {:.2f} GiB\n", role["stage"].get<int>(), role["peak_bytes"].get<double>() / (1 << 30));
-  fmt::print("costs: roofline (no calibration profile); {} network flows simulated{}\n", r.flows,
-             run_id ? fmt::format("; run {} recorded", *run_id) : std::string());
+  if (options.profile && options.profile->measured_iteration_s() > 0) {
+    const double m = options.profile->measured_iteration_s();
+    fmt::print("the profiled run measured {:.3f} ms per iteration: predicted {:+.1f}%\n", 1e3 * m, 100 * (r.iteration_s - m) / m);
+  }
+  if (o.sim.profile.empty())
+    fmt::print("costs: roofline (no calibration profile)");
+  else
+    fmt::print("costs: {:.1f}% of the slowest rank's compute measured ({}; spread {:.1f}%), the rest roofline", 100 * r.measured_fraction,
+               o.sim.profile, 100 * r.measured_spread);
+  fmt::print("; {} network flows simulated{}\n", r.flows, run_id ? fmt::format("; run {} recorded", *run_id) : std::string());
   return 0;
 #else
   (void)o;

@@ -1,0 +1,196 @@
+// Building, storing and looking up calibration profiles.
+#include "simulator/calibration.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <fmt/format.h>
+#include <fstream>
+
+#include "engine/core/error.hpp"
+
+namespace px::sim {
+namespace {
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  const std::size_t n = v.size();
+  return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+
+}  // namespace
+
+std::string op_signature(const Op& op) {
+  return fmt::format("{}/{}/{}x{}x{}x{}/{}/r{}w{}", to_string(op.kind), static_cast<int>(op.variant), op.m, op.n, op.k, op.batch,
+                     to_string(op.dtype), op.bytes_read, op.bytes_written);
+}
+
+void CalibrationProfile::add(const std::string& signature, double seconds) {
+  samples_[signature].push_back(seconds);
+  dirty_ = true;
+}
+
+void CalibrationProfile::add_traces(const CompiledPlan& plan, const std::vector<std::filesystem::path>& traces) {
+  for (const auto& file : traces) {
+    std::ifstream in(file);
+    if (!in) throw Error(ErrorKind::Io, {file.string()}, "cannot read the trace", "pass the trace_rank*.json files a run wrote");
+    const nlohmann::json trace = nlohmann::json::parse(in, nullptr, false);
+    if (trace.is_discarded() || !trace.contains("traceEvents") || !trace.contains("distributedInfo"))
+      throw Error(ErrorKind::Parse, {file.string()}, "not a Chrome trace of a Parallax run", "pass the trace_rank*.json files a run wrote");
+    const int rank = trace["distributedInfo"].value("rank", -1);
+    if (rank < 0 || rank >= plan.topology.world_size() || trace["distributedInfo"].value("world_size", 0) != plan.topology.world_size())
+      throw Error(ErrorKind::Spec, {file.string()}, fmt::format("the trace is of rank {} of another plan", rank),
+                  "pass the plan flags the run was trained with");
+    const Program& prog = plan.program_of(rank);
+    std::vector<std::pair<double, double>> compute;  // (start, end) of compute-stream ops, µs
+    for (const auto& e : trace["traceEvents"]) {
+      if (e.value("ph", "") == "X" && e.value("cat", "") == "user_annotation" && e.contains("args") && e["args"].contains("iteration")) {
+        double& span = step_span_[e["args"]["iteration"].get<int>()];
+        span = std::max(span, 1e-6 * e["dur"].get<double>());
+        continue;
+      }
+      if (e.value("ph", "") != "X" || !e.contains("args") || !e["args"].contains("op id")) continue;
+      const auto id = e["args"]["op id"].get<std::size_t>();
+      if (id >= prog.ops.size() || e["args"].value("kind", "") != to_string(prog.ops[id].kind))
+        throw Error(ErrorKind::Spec, {file.string()}, fmt::format("op {} of the trace is not op {} of this plan", id, id),
+                    "pass the plan flags the run was trained with");
+      const Op& op = prog.ops[id];
+      if (is_comm(op.kind)) continue;  // communication is simulated as flows
+      add(op_signature(op), e["dur"].get<double>() * 1e-6);
+      if (op.stream == Stream::Compute) compute.emplace_back(e["ts"].get<double>(), e["ts"].get<double>() + e["dur"].get<double>());
+    }
+    std::sort(compute.begin(), compute.end());
+    for (std::size_t i = 1; i < compute.size(); ++i)
+      if (compute[i].first >= compute[i - 1].second) gaps_.push_back(1e-6 * (compute[i].first - compute[i - 1].second));
+  }
+}
+
+namespace {
+const char* bench_name(OpKind kind) {
+  switch (kind) {
+    case OpKind::AllReduce: return "all_reduce";
+    case OpKind::AllGather: return "all_gather";
+    case OpKind::ReduceScatter: return "reduce_scatter";
+    case OpKind::AllToAll: return "all_to_all";
+    case OpKind::Send:
+    case OpKind::Recv:
+    case OpKind::RingExchange: return "send_recv";
+    default: return "";
+  }
+}
+}  // namespace
+
+void CalibrationProfile::add_comm_bench(const std::filesystem::path& file) {
+  std::ifstream in(file);
+  if (!in) throw Error(ErrorKind::Io, {file.string()}, "cannot read the comm benchmark output", "write it with comm_bench --json FILE");
+  const nlohmann::json j = nlohmann::json::parse(in, nullptr, false);
+  if (j.is_discarded() || !j.contains("rows") || !j["rows"].is_array())
+    throw Error(ErrorKind::Parse, {file.string()}, "not comm_bench --json output", "write it with comm_bench --json FILE");
+  for (const auto& row : j["rows"]) {
+    if (!row.contains("collective") || !row.contains("ranks") || !row.contains("size_bytes") || !row.contains("time_us"))
+      throw Error(ErrorKind::Spec, {file.string()}, "a row lacks collective, ranks, size_bytes or time_us", "regenerate it with comm_bench");
+    auto& points = collectives_[row["collective"].get<std::string>()][row["ranks"].get<int>()];
+    points.emplace_back(row["size_bytes"].get<double>(), 1e-6 * row["time_us"].get<double>());
+    std::sort(points.begin(), points.end());
+  }
+}
+
+std::optional<double> CalibrationProfile::collective_seconds(OpKind kind, int ranks, double bytes) const {
+  const auto c = collectives_.find(bench_name(kind));
+  if (c == collectives_.end()) return std::nullopt;
+  // A message is between two ranks, whatever the group's size.
+  const auto g = c->second.find(c->first == "send_recv" ? 2 : ranks);
+  if (g == c->second.end() || g->second.empty()) return std::nullopt;
+  const auto& p = g->second;
+  if (bytes <= p.front().first) return p.front().second;
+  for (std::size_t i = 1; i < p.size(); ++i)
+    if (bytes <= p[i].first) {
+      const double f = (bytes - p[i - 1].first) / (p[i].first - p[i - 1].first);
+      return p[i - 1].second + f * (p[i].second - p[i - 1].second);
+    }
+  if (p.size() < 2) return p.back().second;
+  const auto& [b0, t0] = p[p.size() - 2];
+  const auto& [b1, t1] = p.back();
+  return t1 + (bytes - b1) * std::max(0.0, (t1 - t0) / (b1 - b0));
+}
+
+double CalibrationProfile::measured_iteration_s() const {
+  if (iteration_) return *iteration_;
+  std::vector<double> v;
+  for (const auto& [it, span] : step_span_) v.push_back(span);
+  return v.empty() ? 0.0 : median(v);
+}
+
+double CalibrationProfile::dispatch_gap_s() const {
+  if (gap_) return *gap_;
+  return gaps_.empty() ? 0.0 : median(gaps_);
+}
+
+void CalibrationProfile::finalize() const {
+  if (!dirty_) return;
+  fitted_.clear();
+  for (const auto& [sig, v] : samples_) {
+    const double m = median(v);
+    std::vector<double> dev;
+    for (double x : v) dev.push_back(std::abs(x - m));
+    fitted_[sig] = {m, m > 0 ? median(dev) / m : 0.0, static_cast<std::int64_t>(v.size())};
+  }
+  dirty_ = false;
+}
+
+std::optional<MeasuredCost> CalibrationProfile::lookup(const Op& op) const {
+  finalize();
+  auto it = fitted_.find(op_signature(op));
+  if (it == fitted_.end()) return std::nullopt;
+  return it->second;
+}
+
+nlohmann::json CalibrationProfile::to_json() const {
+  finalize();
+  nlohmann::json ops = nlohmann::json::object();
+  for (const auto& [sig, c] : fitted_) ops[sig] = {{"seconds", c.seconds}, {"spread", c.spread}, {"samples", c.samples}};
+  nlohmann::json coll = nlohmann::json::object();
+  for (const auto& [name, by_ranks] : collectives_)
+    for (const auto& [ranks, points] : by_ranks) coll[name][std::to_string(ranks)] = points;
+  return {{"format", "parallax-calibration 1"}, {"source", source}, {"dispatch_gap_s", dispatch_gap_s()},
+          {"measured_iteration_s", measured_iteration_s()}, {"ops", ops}, {"collectives", coll}};
+}
+
+CalibrationProfile CalibrationProfile::from_json(const nlohmann::json& j, const std::string& file) {
+  if (!j.is_object() || j.value("format", "") != "parallax-calibration 1" || !j.contains("ops") || !j["ops"].is_object())
+    throw Error(ErrorKind::Parse, {file}, "not a Parallax calibration profile", "make one with parallax calibrate");
+  CalibrationProfile p;
+  p.source = j.value("source", "");
+  p.gap_ = j.value("dispatch_gap_s", 0.0);
+  p.iteration_ = j.value("measured_iteration_s", 0.0);
+  if (j.contains("collectives"))
+    for (const auto& [name, by_ranks] : j["collectives"].items())
+      for (const auto& [ranks, points] : by_ranks.items())
+        p.collectives_[name][std::stoi(ranks)] = points.get<std::vector<std::pair<double, double>>>();
+  for (const auto& [sig, c] : j["ops"].items()) {
+    if (!c.contains("seconds") || !c["seconds"].is_number() || c["seconds"].get<double>() < 0)
+      throw Error(ErrorKind::Spec, {file}, fmt::format("op '{}' has no valid seconds", sig), "regenerate the profile");
+    p.fitted_[sig] = {c["seconds"], c.value("spread", 0.0), c.value("samples", std::int64_t{1})};
+    p.samples_[sig] = {c["seconds"].get<double>()};
+  }
+  return p;
+}
+
+void CalibrationProfile::write(const std::filesystem::path& file) const {
+  const auto tmp = file.string() + ".tmp";
+  {
+    std::ofstream out(tmp);
+    out << to_json().dump(1) << "\n";
+    if (!out) throw Error(ErrorKind::Io, {tmp}, "cannot write the profile");
+  }
+  std::filesystem::rename(tmp, file);
+}
+
+CalibrationProfile CalibrationProfile::read(const std::filesystem::path& file) {
+  std::ifstream in(file);
+  if (!in) throw Error(ErrorKind::Io, {file.string()}, "cannot read the profile");
+  const nlohmann::json j = nlohmann::json::parse(in, nullptr, false);
+  if (j.is_discarded()) throw Error(ErrorKind::Parse, {file.string()}, "the profile is not valid JSON", "regenerate it with parallax calibrate");
+  return from_json(j, file.string());
+}
+
+}  // namespace px::sim

@@ -1,0 +1,70 @@
+// Calibration profiles: measured op durations keyed by op signature (kind, variant, shapes, dtype,
+// bytes), built from the engine's Kineto traces of a plan and looked up by the replay, so that a
+// simulated op costs what the same op measured. Each entry keeps its sample count and spread: the
+// replay reports which ops it costed from measurements and how tightly.
+#pragma once
+
+#include <filesystem>
+#include <map>
+#include <nlohmann/json.hpp>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "engine/plan/compiler.hpp"
+
+namespace px::sim {
+
+// "gemm/2/2048x1536x512x1/bf16/r0w0" — the same string for the same work, whichever rank or layer.
+std::string op_signature(const Op& op);
+
+struct MeasuredCost {
+  double seconds = 0;   // median of the samples
+  double spread = 0;    // median absolute deviation / median: the fit residual of a lookup
+  std::int64_t samples = 0;
+};
+
+class CalibrationProfile {
+ public:
+  // Adds every compute and memory op of the traces (the engine's per-rank Chrome traces of
+  // `plan`, one JSON object per file); op ids index the rank's program. Throws px::Error naming the
+  // file for a trace that does not belong to the plan.
+  void add_traces(const CompiledPlan& plan, const std::vector<std::filesystem::path>& traces);
+  void add(const std::string& signature, double seconds);
+  // Adds a comm benchmark's rows (comm_bench --json: collective, ranks, size in nccl-tests' sense,
+  // time): the measured time of each collective by group size and buffer size.
+  void add_comm_bench(const std::filesystem::path& file);
+  // The measured time of a collective (or, for send/recv and ring steps, a message) of `bytes` in a
+  // group of `ranks`, interpolated linearly between benchmarked sizes and extrapolated past the
+  // largest at its bandwidth; none when that collective and group size were not benchmarked.
+  std::optional<double> collective_seconds(OpKind kind, int ranks, double bytes) const;
+
+  std::optional<MeasuredCost> lookup(const Op& op) const;
+  std::size_t size() const { return samples_.size(); }
+  // The host's time between two back-to-back ops of a stream (the median gap between consecutive
+  // compute ops of the traces): the engine's dispatch cost, as a kernel launch is a GPU's.
+  double dispatch_gap_s() const;
+  // The traced run's iteration time: per iteration the slowest rank's span (ProfilerStep), median
+  // over iterations; 0 when unknown. What a replay of the same plan with this profile predicts.
+  double measured_iteration_s() const;
+
+  nlohmann::json to_json() const;
+  static CalibrationProfile from_json(const nlohmann::json& j, const std::string& file = {});
+  void write(const std::filesystem::path& file) const;
+  static CalibrationProfile read(const std::filesystem::path& file);
+
+  std::string source;  // what was measured: hardware, software, runs
+
+ private:
+  void finalize() const;
+  std::map<std::string, std::vector<double>> samples_;
+  std::vector<double> gaps_;
+  std::map<std::string, std::map<int, std::vector<std::pair<double, double>>>> collectives_;  // name -> ranks -> (bytes, s)
+  std::map<int, double> step_span_;  // iteration -> slowest rank's span, seconds
+  std::optional<double> iteration_;  // from a profile file
+  std::optional<double> gap_;  // from a profile file
+  mutable std::map<std::string, MeasuredCost> fitted_;
+  mutable bool dirty_ = false;
+};
+
+}  // namespace px::sim

@@ -1,0 +1,135 @@
+// Calibration from the engine's traces: a profile built from Kineto traces of a plan makes the
+// replay cost every measured op exactly as measured (the join on op signatures is exact), keeps
+// medians and spreads per signature, survives a round trip through its file, and refuses traces
+// of another plan naming the file.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <fstream>
+
+#include "engine/core/error.hpp"
+#include "engine/core/hash.hpp"
+#include "engine/plan/compiler.hpp"
+#include "engine/spec/spec_yaml.hpp"
+#include "engine/spec/validate.hpp"
+#include "engine/trace/chrome_trace.hpp"
+#include "simulator/calibration.hpp"
+#include "simulator/replay.hpp"
+
+namespace px::sim {
+namespace {
+
+namespace fs = std::filesystem;
+
+CompiledPlan tp2_pp2() {
+  const SpecCatalog cat(PX_DATASETS_DIR);
+  const ModelSpec m = cat.model("tiny-gpt-deep");
+  PlanSpec p;
+  p.tensor_model_parallel_size = 2;
+  p.pipeline_model_parallel_size = 2;
+  p.global_batch_size = 4;
+  return compile_plan(m, resolve_plan(p, m, nullptr));
+}
+
+// A "measured" duration that depends on nothing but the op's signature.
+double fake_duration(const Op& op) { return 1e-4 * static_cast<double>(1 + fnv1a(op_signature(op)) % 7); }
+
+std::vector<fs::path> write_traces(const CompiledPlan& plan, const fs::path& dir, double jitter) {
+  fs::create_directories(dir);
+  std::vector<fs::path> files;
+  for (int r = 0; r < plan.topology.world_size(); ++r) {
+    const Program& prog = plan.program_of(r);
+    std::vector<OpTiming> t(prog.ops.size());
+    double clock = 0;
+    for (std::size_t i = 0; i < prog.ops.size(); ++i) {
+      const double d = fake_duration(prog.ops[i]) * (1 + (i % 2 ? jitter : -jitter));
+      t[i] = {clock, clock + d};
+      clock += d;
+    }
+    ChromeTrace trace(plan, {r, "mpi", "cpu", false});
+    trace.add_iteration(0, t);
+    files.push_back(dir / ("trace_rank" + std::to_string(r) + ".json"));
+    trace.write(files.back());
+  }
+  return files;
+}
+
+TEST(Calibration, ReplayCostsMeasuredOpsExactlyAsMeasured) {
+  const CompiledPlan plan = tp2_pp2();
+  const fs::path dir = fs::path(::testing::TempDir()) / ("calibration-" + std::to_string(getpid()));
+  CalibrationProfile profile;
+  profile.add_traces(plan, write_traces(plan, dir, 0.0));
+  ASSERT_GT(profile.size(), 10u);
+  SimOptions o;
+  o.profile = profile;
+  o.traced_ranks = {0, 3};
+  const SpecCatalog cat(PX_DATASETS_DIR);
+  const SimResult r = simulate(plan, cat.cluster("h100-8"), o);
+  EXPECT_DOUBLE_EQ(r.measured_fraction, 1.0);
+  for (std::size_t k = 0; k < r.traced_ranks.size(); ++k) {
+    const Program& prog = plan.program_of(r.traced_ranks[k]);
+    for (std::size_t i = 0; i < prog.ops.size(); ++i) {
+      if (is_comm(prog.ops[i].kind) || prog.ops[i].stream != Stream::Compute) continue;
+      EXPECT_NEAR(r.timings[k][i].end - r.timings[k][i].start, fake_duration(prog.ops[i]), 1e-12) << prog.name_of(prog.ops[i]);
+    }
+  }
+}
+
+TEST(Calibration, MediansSpreadsAndTheirFile) {
+  const CompiledPlan plan = tp2_pp2();
+  const fs::path dir = fs::path(::testing::TempDir()) / ("calibration-jitter-" + std::to_string(getpid()));
+  CalibrationProfile profile;
+  profile.add_traces(plan, write_traces(plan, dir, 0.1));  // every other op 10% slow, the rest 10% fast
+  const Op& gemm = *std::find_if(plan.roles[0].ops.begin(), plan.roles[0].ops.end(), [](const Op& op) { return op.kind == OpKind::Gemm; });
+  const auto m = profile.lookup(gemm);
+  ASSERT_TRUE(m);
+  EXPECT_GT(m->samples, 4);
+  EXPECT_NEAR(m->seconds, fake_duration(gemm), 0.1 * fake_duration(gemm) + 1e-15);
+  EXPECT_NEAR(m->spread, 0.1, 0.1);
+  profile.write(dir / "profile.json");
+  const CalibrationProfile back = CalibrationProfile::read(dir / "profile.json");
+  EXPECT_EQ(back.to_json().dump(), profile.to_json().dump());
+}
+
+TEST(Calibration, CollectivesInterpolateTheCommBenchmark) {
+  const fs::path dir = fs::path(::testing::TempDir()) / ("calibration-comm-" + std::to_string(getpid()));
+  fs::create_directories(dir);
+  std::ofstream(dir / "comm.json") << R"({"benchmark": "parallax comm_bench", "rows": [
+    {"collective": "all_reduce", "ranks": 2, "size_bytes": 1024, "time_us": 10},
+    {"collective": "all_reduce", "ranks": 2, "size_bytes": 4096, "time_us": 16},
+    {"collective": "send_recv", "ranks": 2, "size_bytes": 1024, "time_us": 4}]})";
+  CalibrationProfile p;
+  p.add_comm_bench(dir / "comm.json");
+  EXPECT_DOUBLE_EQ(*p.collective_seconds(OpKind::AllReduce, 2, 512), 10e-6);    // below: the smallest
+  EXPECT_DOUBLE_EQ(*p.collective_seconds(OpKind::AllReduce, 2, 2048), 12e-6);   // between: linear
+  EXPECT_DOUBLE_EQ(*p.collective_seconds(OpKind::AllReduce, 2, 7168), 22e-6);   // past: at the last slope
+  EXPECT_FALSE(p.collective_seconds(OpKind::AllReduce, 4, 2048));               // another group size
+  EXPECT_DOUBLE_EQ(*p.collective_seconds(OpKind::Send, 8, 1024), 4e-6);         // a message is between two
+  EXPECT_EQ(CalibrationProfile::from_json(p.to_json()).to_json().dump(), p.to_json().dump());
+  std::ofstream(dir / "bad.json") << R"({"rows": [{"collective": "all_reduce"}]})";
+  EXPECT_THROW(p.add_comm_bench(dir / "bad.json"), Error);
+}
+
+TEST(Calibration, TracesOfAnotherPlanAreRefusedNamingTheFile) {
+  const CompiledPlan plan = tp2_pp2();
+  const fs::path dir = fs::path(::testing::TempDir()) / ("calibration-other-" + std::to_string(getpid()));
+  const auto files = write_traces(plan, dir, 0.0);
+  const SpecCatalog cat(PX_DATASETS_DIR);
+  const ModelSpec m = cat.model("tiny-gpt");
+  PlanSpec p;
+  p.data_parallel_size = 4;
+  p.global_batch_size = 4;
+  const CompiledPlan other = compile_plan(m, resolve_plan(p, m, nullptr));
+  CalibrationProfile profile;
+  try {
+    profile.add_traces(other, files);
+    FAIL() << "accepted another plan's traces";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.where().file, files[0].string());
+  }
+  std::ofstream(dir / "broken.json") << "{\"traceEvents\": [";
+  EXPECT_THROW(profile.add_traces(plan, {dir / "broken.json"}), Error);
+}
+
+}  // namespace
+}  // namespace px::sim
