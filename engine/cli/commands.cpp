@@ -66,11 +66,11 @@ void add_plan_flags(CLI::App* cmd, Options& o) {
   cmd->add_flag("--json", o.json, "Machine-readable output");
 }
 
-namespace {
-
 SpecCatalog catalog(const Options& o) {
   return SpecCatalog(o.datasets.empty() ? SpecCatalog::default_root() : std::filesystem::path(o.datasets));
 }
+
+namespace {
 
 PlanSpec build_plan(const SpecCatalog& cat, const PlanFlags& f, const ModelSpec& model, const ClusterSpec* cluster) {
   PlanSpec p = f.plan_file.empty() ? PlanSpec{} : cat.plan(f.plan_file);

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "engine/spec/spec.hpp"
+#include "engine/spec/spec_yaml.hpp"
 
 namespace px::cli {
 
@@ -60,6 +61,9 @@ struct Options {
   CLI::App* simulate_cmd = nullptr;
   CLI::App* calibrate_cmd = nullptr;
 };
+
+// The dataset catalog --datasets (or $PARALLAX_DATASETS, or the source tree's) names.
+SpecCatalog catalog(const Options& o);
 
 // Plan flags shared by every command that takes a plan.
 void add_plan_flags(CLI::App* cmd, Options& o);

@@ -42,7 +42,7 @@ void register_simulate(CLI::App& app, Options& o) {
 
 int calibrate(const Options& o) {
 #ifdef PX_HAVE_SIMULATOR
-  const SpecCatalog cat(o.datasets.empty() ? SpecCatalog::default_root() : std::filesystem::path(o.datasets));
+  const SpecCatalog cat = catalog(o);
   const ModelSpec model = cat.model(o.model);
   Options with = o;
   if (with.plan.precision.empty()) with.plan.precision = "fp32";  // what the CPU engine trains in
@@ -64,7 +64,7 @@ int calibrate(const Options& o) {
 int simulate(const Options& o) {
 #ifdef PX_HAVE_SIMULATOR
   if (o.cluster.empty()) throw Error(ErrorKind::Usage, {}, "simulate needs a cluster", "pass --cluster, e.g. --cluster h100-64");
-  const SpecCatalog cat(o.datasets.empty() ? SpecCatalog::default_root() : std::filesystem::path(o.datasets));
+  const SpecCatalog cat = catalog(o);
   const ModelSpec model = cat.model(o.model);
   const ClusterSpec cluster = cat.cluster(o.cluster);
   const PlanSpec plan_spec = plan_from_flags(o, model, &cluster);

@@ -43,7 +43,7 @@ int train(const Options& o, int* argc, char*** argv) {
   // Everything that can be wrong with the input is found before MPI starts: the launcher's
   // variables say how many ranks the job has.
   const LaunchInfo launch = discover_launch();
-  const SpecCatalog cat(o.datasets.empty() ? SpecCatalog::default_root() : std::filesystem::path(o.datasets));
+  const SpecCatalog cat = catalog(o);
   TrainConfig c;
   c.model = cat.model(o.model);
   Options with = o;
