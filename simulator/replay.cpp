@@ -53,6 +53,7 @@ class Replay {
         closed_form_(options.closed_form_exclusive_groups),
         in_order_(options.in_order_issue),
         profile_(options.profile ? &*options.profile : nullptr),
+        fold_(options.fold_data_parallel),
         ranks_(static_cast<std::size_t>(plan.topology.world_size())) {
     for (const Program& p : plan.roles) {
       seq_.push_back(collective_sequence(p));
@@ -62,11 +63,14 @@ class Replay {
       watched_.push_back(std::move(watched));
     }
     for (std::size_t r = 0; r < ranks_.size(); ++r) {
+      if (!replayed(static_cast<int>(r))) continue;
       const Program& prog = plan.program_of(static_cast<int>(r));
       ranks_[r].done.assign(prog.ops.size(), 0);
       ranks_[r].timing.assign(prog.ops.size(), {});
     }
   }
+
+  bool replayed(int rank) const { return !fold_ || plan_.topology.dp_rank(plan_.topology.coord(rank)) == 0; }
 
   // A group kind whose every instance lies inside one node, while no other group shares a node's
   // GPUs, owns those GPUs' NVLink links: its collectives cannot contend, so they cost their closed
@@ -101,6 +105,7 @@ class Replay {
   void start(const Platform& platform) {
     find_exclusive_groups(platform);
     for (int r = 0; r < plan_.topology.world_size(); ++r) {
+      if (!replayed(r)) continue;
       const Program& prog = plan_.program_of(r);
       std::array<std::vector<std::uint32_t>, kNumStreams> streams;
       for (std::uint32_t i = 0; i < prog.ops.size(); ++i) streams[static_cast<std::size_t>(prog.ops[i].stream)].push_back(i);
@@ -217,6 +222,13 @@ class Replay {
     const std::string key = fmt::format("{} {} {}", to_string(op.group), id, seq_[static_cast<std::size_t>(prog.pp_stage)][i]);
     auto at = [&](int member, int step) { return box(fmt::format("{} s{} m{}", key, step, member)); };
     const int next = (me + 1) % n;
+    if (fold_ && (op.group == GroupKind::DP || op.group == GroupKind::ExpertDP)) {  // the other replicas are folded
+      const Path p = platform_->path(members[static_cast<std::size_t>(me)], members[static_cast<std::size_t>(next)]);
+      const auto measured = profile_ ? profile_->collective_seconds(op.kind, n, bytes) : std::nullopt;
+      const double step = p.latency_s + bytes / n / p.bottleneck_bytes_per_s;
+      s4u::this_actor::sleep_for(measured ? *measured : op.kind == OpKind::AllReduce ? 2 * (n - 1) * step : (n - 1) * step);
+      return;
+    }
     if (exclusive_[static_cast<std::size_t>(op.group)]) {
       const std::string group = fmt::format("{} {}", to_string(op.group), id);
       auto& barrier = barriers_[group];
@@ -275,6 +287,7 @@ class Replay {
   bool closed_form_;
   bool in_order_;
   const CalibrationProfile* profile_;
+  bool fold_;
   std::vector<RankState> ranks_;
   std::vector<std::vector<std::uint32_t>> seq_;
   std::vector<std::vector<char>> watched_;  // per role: ops another stream waits for
@@ -307,6 +320,8 @@ Breakdown breakdown(const Program& prog, const std::vector<OpTiming>& t, double 
 }
 
 SimResult run_replay(const CompiledPlan& plan, const ClusterSpec& cluster, const SimOptions& options) {
+  if (options.fold_data_parallel && (plan.plan.cp() > 1 || plan.plan.ep() > 1))
+    throw Error(ErrorKind::Usage, {}, "folded replay needs cp 1 and ep 1 (their groups cross replicas)", "replay unfolded");
   int argc = 2;
   char name[] = "parallax-simulate";
   char quiet[] = "--log=root.thres:critical";
@@ -350,7 +365,10 @@ SimResult run_replay(const CompiledPlan& plan, const ClusterSpec& cluster, const
   const double peak = 1e12 * cluster.gpu.peak_bf16_tflops * plan.topology.world_size();
   r.mfu = r.iteration_s > 0 ? iteration_flops(plan.model, plan.plan).model_flops() / (r.iteration_s * peak) : 0;
   r.traced_ranks = options.traced_ranks.empty() ? std::vector<int>{0} : options.traced_ranks;
-  for (int t : r.traced_ranks) r.timings.push_back(replay.ranks()[static_cast<std::size_t>(t)].timing);
+  for (int t : r.traced_ranks) {
+    if (!replay.replayed(t)) throw Error(ErrorKind::Usage, {}, fmt::format("rank {} is folded away; trace a rank of replica 0", t));
+    r.timings.push_back(replay.ranks()[static_cast<std::size_t>(t)].timing);
+  }
   return r;
 }
 

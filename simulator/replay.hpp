@@ -35,6 +35,10 @@ struct SimOptions {
   // running to completion before the next is issued, a comm op only posted (GPUs issue each
   // stream independently instead).
   bool in_order_issue = false;
+  // Folded replay: only data-parallel replica 0 runs; the replicas' gradient collectives cost
+  // their ring closed form over the fabric path between replicas (every replica is assumed to
+  // arrive at once, as identical replicas do). Needs cp = ep = 1.
+  bool fold_data_parallel = false;
   // Measured op costs (parallax calibrate); ops it lacks fall back to the roofline.
   std::optional<CalibrationProfile> profile;
 };
@@ -54,7 +58,7 @@ struct SimResult {
   Breakdown breakdown;             // of the slowest rank
   double tokens_per_s = 0;         // global batch tokens / iteration
   double mfu = 0;                  // model FLOPs / (iteration · ranks · dense bf16 peak)
-  std::vector<double> rank_end_s;  // per rank, when its last op ended
+  std::vector<double> rank_end_s;  // per rank, when its last op ended (0 for folded ranks)
   std::vector<int> traced_ranks;
   std::vector<std::vector<OpTiming>> timings;  // per traced rank, per op
   std::int64_t flows = 0;          // network transfers simulated

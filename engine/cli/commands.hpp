@@ -39,6 +39,7 @@ struct SimulateFlags {
   std::vector<std::string> slowdown;  // RANK=FACTOR
   std::string profile;                // calibration profile to cost ops from
   bool in_order_issue = false;        // model the CPU engine's one-thread issue
+  bool fold = false;                  // replay data-parallel replica 0 only
   std::vector<std::string> traces;    // calibrate: the engine's trace files
   std::vector<std::string> comm_bench;  // calibrate: comm_bench --json outputs
   std::string out, source;            // calibrate: where the profile goes, what it measured

@@ -31,6 +31,7 @@ void register_simulate(CLI::App& app, Options& o) {
   o.simulate_cmd->add_option("--slowdown", o.sim.slowdown, "What-if: RANK=FACTOR, that rank's GPU computes FACTOR times slower (repeatable)");
   o.simulate_cmd->add_option("--experiment", o.sim.experiment, "Experiment name in the results database");
   o.simulate_cmd->add_option("--profile", o.sim.profile, "Calibration profile (parallax calibrate) to cost measured ops from");
+  o.simulate_cmd->add_flag("--fold", o.sim.fold, "Replay data-parallel replica 0 only; replicas' gradient rings in closed form");
   o.simulate_cmd->add_flag("--in-order-issue", o.sim.in_order_issue, "Issue each rank's ops in program order from one thread (the CPU engine)");
   o.calibrate_cmd = app.add_subcommand("calibrate", "Build a calibration profile from the engine's traces of a plan");
   add_plan_flags(o.calibrate_cmd, o);
@@ -73,6 +74,7 @@ int simulate(const Options& o) {
   options.traced_ranks = o.sim.trace_ranks;
   if (!o.sim.profile.empty()) options.profile = sim::CalibrationProfile::read(o.sim.profile);
   options.in_order_issue = o.sim.in_order_issue;
+  options.fold_data_parallel = o.sim.fold;
   for (const std::string& s : o.sim.slowdown) {
     int rank = -1;
     double factor = 0;

@@ -168,6 +168,27 @@ TEST(Replay, OneStragglerSlowsTheWholeDataParallelJob) {
   EXPECT_LT(r.iteration_s, base.iteration_s + 0.6 * base.breakdown.compute_s + base.breakdown.exposed_comm_s);
 }
 
+TEST(Replay, FoldedDataParallelReplicasAgreeWithTheUnfoldedReplay) {
+  // tp8 fills each node, so replicas meet only in their gradient rings across the rails.
+  const SpecCatalog& cat = catalog();
+  const ClusterSpec cluster = cat.cluster("h100-64");
+  for (int dp : {2, 4}) {
+    const CompiledPlan plan = compile("llama3-8b", [dp](PlanSpec& p) {
+      p.tensor_model_parallel_size = 8;
+      p.sequence_parallel = true;
+      p.pipeline_model_parallel_size = 2;
+      p.data_parallel_size = dp;
+      p.seq_length = 1024;
+      p.global_batch_size = 4 * dp;
+    });
+    SimOptions folded;
+    folded.fold_data_parallel = true;
+    const SimResult f = simulate(plan, cluster, folded), u = simulate(plan, cluster);
+    EXPECT_NEAR(f.iteration_s / u.iteration_s, 1.0, 0.01) << "dp " << dp;
+    EXPECT_LT(f.flows, u.flows);
+  }
+}
+
 TEST(Replay, APlanLargerThanTheClusterIsRefused) {
   const CompiledPlan plan = compile("tiny-gpt", [](PlanSpec& p) {
     p.data_parallel_size = 16;
