@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <array>
 #include <cerrno>
+#include <cmath>
 #include <cstring>
 #include <map>
 #include <fmt/format.h>
@@ -54,6 +55,7 @@ class Replay {
         in_order_(options.in_order_issue),
         profile_(options.profile ? &*options.profile : nullptr),
         fold_(options.fold_data_parallel),
+        all_reduce_(options.all_reduce),
         ranks_(static_cast<std::size_t>(plan.topology.world_size())) {
     for (const Program& p : plan.roles) {
       seq_.push_back(collective_sequence(p));
@@ -222,11 +224,20 @@ class Replay {
     const std::string key = fmt::format("{} {} {}", to_string(op.group), id, seq_[static_cast<std::size_t>(prog.pp_stage)][i]);
     auto at = [&](int member, int step) { return box(fmt::format("{} s{} m{}", key, step, member)); };
     const int next = (me + 1) % n;
+    // Ring: 2(n-1) steps of S/n. Binary tree: reduce up and broadcast down, 2 ceil(log2 n) hops, each
+    // moving S from (or to) two children through one link.
+    const Path hop = platform_->path(members[static_cast<std::size_t>(me)], members[static_cast<std::size_t>(next)]);
+    const double ring_s = 2 * (n - 1) * (hop.latency_s + bytes / n / hop.bottleneck_bytes_per_s);
+    const double fan = n > 2 ? 2.0 : 1.0;
+    const double tree_s =
+        2 * std::ceil(std::log2(static_cast<double>(n))) * (hop.latency_s + fan * bytes / hop.bottleneck_bytes_per_s);
+    const bool tree = op.kind == OpKind::AllReduce &&
+                      (all_reduce_ == AllReduceAlgorithm::Tree || (all_reduce_ == AllReduceAlgorithm::Auto && tree_s < ring_s));
     if (fold_ && (op.group == GroupKind::DP || op.group == GroupKind::ExpertDP)) {  // the other replicas are folded
       const Path p = platform_->path(members[static_cast<std::size_t>(me)], members[static_cast<std::size_t>(next)]);
       const auto measured = profile_ ? profile_->collective_seconds(op.kind, n, bytes) : std::nullopt;
       const double step = p.latency_s + bytes / n / p.bottleneck_bytes_per_s;
-      s4u::this_actor::sleep_for(measured ? *measured : op.kind == OpKind::AllReduce ? 2 * (n - 1) * step : (n - 1) * step);
+      s4u::this_actor::sleep_for(measured ? *measured : op.kind == OpKind::AllReduce ? (tree ? tree_s : ring_s) : (n - 1) * step);
       return;
     }
     if (exclusive_[static_cast<std::size_t>(op.group)]) {
@@ -242,7 +253,7 @@ class Replay {
         return;
       }
       switch (op.kind) {
-        case OpKind::AllReduce: t = 2 * (n - 1) * step; break;
+        case OpKind::AllReduce: t = tree ? tree_s : 2 * (n - 1) * step; break;
         case OpKind::ReduceScatter:
         case OpKind::AllGather: t = (n - 1) * step; break;
         case OpKind::AllToAll: t = p.latency_s + (n - 1) * bytes / n / p.bottleneck_bytes_per_s; break;
@@ -253,7 +264,12 @@ class Replay {
       return;
     }
     switch (op.kind) {
-      case OpKind::AllReduce:  // ring: reduce-scatter then all-gather, 2(n-1) steps of S/n
+      case OpKind::AllReduce:
+        if (tree) {
+          tree_all_reduce(me, n, bytes, at);
+          break;
+        }
+        // ring: reduce-scatter then all-gather, 2(n-1) steps of S/n
         for (int s = 0; s < 2 * (n - 1); ++s) send_recv(at(next, s), at(me, s), bytes / n);
         break;
       case OpKind::ReduceScatter:  // S is the input
@@ -280,6 +296,28 @@ class Replay {
     }
   }
 
+  // Binary tree over member indices (children 2i+1, 2i+2): partial sums flow up to member 0, the
+  // result flows back down. Mailbox step 0 carries the up-sweep, step 1 the down-sweep, per member.
+  template <class At>
+  void tree_all_reduce(int me, int n, double bytes, const At& at) {
+    const int parent = (me - 1) / 2;
+    std::vector<s4u::CommPtr> up;
+    std::array<int*, 2> received{};
+    for (int c : {2 * me + 1, 2 * me + 2})
+      if (c < n) up.push_back(at(me, 0)->template get_async<int>(&received[up.size()]));  // both children at once
+    for (auto& u : up) u->wait();
+    if (me > 0) {
+      at(parent, 0)->put(&token, static_cast<std::uint64_t>(bytes));
+      at(me, 1)->template get<int>();
+      ++flows_;
+    }
+    std::vector<s4u::CommPtr> down;
+    for (int c : {2 * me + 1, 2 * me + 2})
+      if (c < n) down.push_back(at(c, 1)->put_async(&token, static_cast<std::uint64_t>(bytes)));
+    for (auto& d : down) d->wait();
+    flows_ += static_cast<std::int64_t>(down.size());
+  }
+
   const CompiledPlan& plan_;
   CostModel cost_;
   std::function<double(const Program&, const Op&)> op_cost_;
@@ -288,6 +326,7 @@ class Replay {
   bool in_order_;
   const CalibrationProfile* profile_;
   bool fold_;
+  AllReduceAlgorithm all_reduce_;
   std::vector<RankState> ranks_;
   std::vector<std::vector<std::uint32_t>> seq_;
   std::vector<std::vector<char>> watched_;  // per role: ops another stream waits for

@@ -19,7 +19,12 @@
 
 namespace px::sim {
 
+// All-reduce algorithm: NCCL's two families. Auto picks, per call, whichever the uncontended
+// closed form says is faster for that size and group, as NCCL's tuner does.
+enum class AllReduceAlgorithm { Auto, Ring, Tree };
+
 struct SimOptions {
+  AllReduceAlgorithm all_reduce = AllReduceAlgorithm::Auto;
   CostModelOptions cost;
   // Replaces the cost model for compute and memory ops when set (closed-form tests; calibration
   // profiles plug in here).

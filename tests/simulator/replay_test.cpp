@@ -1,5 +1,6 @@
 // The replay against closed forms on an uncontended platform: a ring all-reduce takes 2(n-1)
-// point-to-point steps of S/n, a direct all-to-all shares each GPU's link among its n-1 flows,
+// point-to-point steps of S/n, a small one the binary tree's 2 log2(n) hops, a direct all-to-all
+// shares each GPU's link among its n-1 flows,
 // and a pipeline of known stage times has the 1F1B bubble (p-1)/(m+p-1). Then: the same inputs
 // give the same output, bit for bit, and a whole compiled plan replays on an H100 node.
 #include <gtest/gtest.h>
@@ -77,6 +78,20 @@ TEST(Replay, RingAllReduceTakesTwoNMinusOneSteps) {
   EXPECT_NEAR(simulate(dp8(OpKind::AllGather, bytes), h100_node()).iteration_s / ((n - 1) * one_flow(bytes / n)), 1.0, 0.01);
 }
 
+TEST(Replay, SmallAllReducesTakeTheTreeLargeOnesTheRing) {
+  const std::int64_t n = 8;
+  // 8 bytes: latency-bound, the tree's 2 log2(8) = 6 hops beat the ring's 14 steps.
+  EXPECT_NEAR(simulate(dp8(OpKind::AllReduce, 8), h100_node()).iteration_s / (6 * one_flow(8)), 1.0, 0.01);
+  SimOptions ring;
+  ring.all_reduce = AllReduceAlgorithm::Ring;
+  EXPECT_NEAR(simulate(dp8(OpKind::AllReduce, 8), h100_node(), ring).iteration_s / (2 * (n - 1) * one_flow(1)), 1.0, 0.01);
+  // 256 MiB through the tree: every hop moves S twice through one link.
+  SimOptions tree;
+  tree.all_reduce = AllReduceAlgorithm::Tree;
+  const std::int64_t big = 256 << 20;
+  EXPECT_NEAR(simulate(dp8(OpKind::AllReduce, big), h100_node(), tree).iteration_s / (6 * one_flow(2 * big)), 1.0, 0.01);
+}
+
 TEST(Replay, DirectAllToAllSharesEachLinkAmongItsFlows) {
   const std::int64_t bytes = 64 << 20, n = 8;
   // n-1 flows of S/n leave and reach each GPU at once: one flow's latency, (n-1) S/n of bandwidth.
@@ -148,7 +163,9 @@ TEST(Replay, ClosedFormTensorParallelCollectivesEqualTheirFlows) {
   SimOptions flows;
   flows.closed_form_exclusive_groups = false;
   const SimResult exact = simulate(plan, h100_node(), flows), fast = simulate(plan, h100_node());
-  EXPECT_NEAR(fast.iteration_s / exact.iteration_s, 1.0, 1e-9);
+  // Rings agree to rounding; the tree's closed form (the small gradient-norm all-reduce) counts two
+  // children at every level, a hair slower than a tree whose last level is one child short.
+  EXPECT_NEAR(fast.iteration_s / exact.iteration_s, 1.0, 1e-5);
   EXPECT_LT(fast.flows, exact.flows / 10);
 }
 
