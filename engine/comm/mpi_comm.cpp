@@ -96,16 +96,8 @@ class MpiCommunicator final : public Communicator {
   int size() const override { return size_; }
   const std::string& name() const override { return name_; }
 
-  CommHandlePtr start_all_reduce(std::span<float> buf) override {
-    auto h = handle("all_reduce");
-    PX_MPI_CHECK(MPI_Iallreduce(MPI_IN_PLACE, buf.data(), as_int(buf.size()), MPI_FLOAT, MPI_SUM, comm_, h->request()));
-    return h;
-  }
-  CommHandlePtr start_all_reduce_max(std::span<float> buf) override {
-    auto h = handle("all_reduce_max");
-    PX_MPI_CHECK(MPI_Iallreduce(MPI_IN_PLACE, buf.data(), as_int(buf.size()), MPI_FLOAT, MPI_MAX, comm_, h->request()));
-    return h;
-  }
+  CommHandlePtr start_all_reduce(std::span<float> buf) override { return all_reduce(buf, MPI_SUM, "all_reduce"); }
+  CommHandlePtr start_all_reduce_max(std::span<float> buf) override { return all_reduce(buf, MPI_MAX, "all_reduce_max"); }
   CommHandlePtr start_reduce_scatter(std::span<const float> in, std::span<float> out) override {
     assert(in.size() == out.size() * static_cast<std::size_t>(size_));
     auto h = handle("reduce_scatter");
@@ -159,6 +151,11 @@ class MpiCommunicator final : public Communicator {
  private:
   std::unique_ptr<MpiHandle> handle(std::string what, bool cancellable = false) const {
     return std::make_unique<MpiHandle>(*this, std::move(what), cancellable);
+  }
+  CommHandlePtr all_reduce(std::span<float> buf, MPI_Op op, const char* what) {
+    auto h = handle(what);
+    PX_MPI_CHECK(MPI_Iallreduce(MPI_IN_PLACE, buf.data(), as_int(buf.size()), MPI_FLOAT, op, comm_, h->request()));
+    return h;
   }
 
   MPI_Comm comm_;

@@ -54,8 +54,6 @@ Operands operands(const Program& prog, const Op& op) {
   return o;
 }
 
-Sizes sizes(const CompiledPlan& plan) { return local_dims(plan.model, plan.plan, plan.padded_vocab); }
-
 }  // namespace
 
 CpuBackend::CpuBackend(const CompiledPlan& plan, int rank, const TokenSource& data, const TrainOptions& options)
@@ -66,8 +64,11 @@ CpuBackend::CpuBackend(const CompiledPlan& plan, int rank, const TokenSource& da
       data_(data),
       opt_(options),
       params_(model_parameters(plan.model, plan.padded_vocab)),
-      dims_(param_dims(plan.model, plan.padded_vocab)) {
+      dims_(param_dims(plan.model, plan.padded_vocab)),
+      z_(local_dims(plan.model, plan.plan, plan.padded_vocab)) {
   set_gemm_threads(1);
+  for (std::uint32_t t = 0; t < program_.tensors.size(); ++t)
+    if (program_.tensors[t].cls == TensorClass::Optimizer) optimizer_ = t;
   const ModelSpec& m = plan.model;
   if (m.attention_dropout > 0)
     throw Error(ErrorKind::Usage, {m.file, 0, 0, -1}, "the CPU engine has no attention dropout", "set attention_dropout: 0");
@@ -99,20 +100,18 @@ CpuBackend::OwnedRange CpuBackend::optimizer_range(const ParamBuffer& b) const {
   return {i * block, (i + 1) * block};
 }
 
-bool CpuBackend::counts_gradient(const ParamBuffer& b, const ParamSlot& s, i64 element) const {
-  if (b.name == "word_embedding_copy") return false;  // the first stage counts the tied table
-  if (b.optimizer_sharded) {
-    const OwnedRange r = optimizer_range(b);
-    if (element < r.begin || element >= r.end) return false;
-  } else if (group_index(b.shard_group) != 0) {
-    return false;
-  }
-  if (b.shard_group == GroupKind::DP && params_[s.param].split == TpSplit::Replicated && coord_.tp != 0) return false;
-  return true;
+CpuBackend::OwnedRange CpuBackend::owned(const ParamBuffer& b, const ParamSlot& s) const {
+  const OwnedRange none{s.offset, s.offset};
+  if (b.name == "word_embedding_copy") return none;  // the first stage counts the tied table
+  if (b.shard_group == GroupKind::DP && params_[s.param].split == TpSplit::Replicated && coord_.tp != 0) return none;
+  if (!b.optimizer_sharded) return group_index(b.shard_group) == 0 ? OwnedRange{s.offset, s.offset + s.count} : none;
+  const OwnedRange r = optimizer_range(b);
+  const i64 begin = std::max(s.offset, r.begin), end = std::min(s.offset + s.count, r.end);
+  return begin < end ? OwnedRange{begin, end} : none;
 }
 
 void CpuBackend::initialize(TensorArena& arena) {
-  const Sizes z = sizes(plan_);
+  const Sizes& z = z_;
   host_weights_.clear();
   for (const ParamBuffer& b : program_.buffers) {
     auto w = arena.floats(b.weight);
@@ -148,7 +147,7 @@ void CpuBackend::begin_iteration(std::int64_t iteration) {
 void CpuBackend::fetch_micro_batch(std::int32_t mb) {
   if (mb == micro_batch_ || mb < 0) return;
   micro_batch_ = mb;
-  const Sizes z = sizes(plan_);
+  const Sizes& z = z_;
   const int dp = plan_.plan.dp(), dp_rank = plan_.topology.dp_rank(coord_);
   tokens_.assign(static_cast<std::size_t>(z.T), 0);
   targets_.assign(static_cast<std::size_t>(z.T), 0);
@@ -171,7 +170,7 @@ void CpuBackend::fetch_micro_batch(std::int32_t mb) {
 }
 
 std::vector<std::uint64_t> CpuBackend::dropout_keys(const Op& op, i64 rows) const {
-  const Sizes z = sizes(plan_);
+  const Sizes& z = z_;
   const DropoutSite site = op.variant == Variant::EmbeddingDropout ? DropoutSite::Embedding
                            : op.variant == Variant::AttentionResidual ? DropoutSite::Attention
                                                                       : DropoutSite::Mlp;
@@ -215,7 +214,7 @@ void CpuBackend::run(const Program& program, std::uint32_t index, TensorArena& a
 }
 
 void CpuBackend::embedding(const Op& op, TensorArena& arena) {
-  const Sizes z = sizes(plan_);
+  const Sizes& z = z_;
   const Operands o = operands(program_, op);
   const i64 vocab_begin = coord_.tp * z.V_l;
   if (forward_phase(op.phase)) {
@@ -291,7 +290,7 @@ void CpuBackend::gemm(const Op& op, TensorArena& arena) {
     default: break;
   }
   // Grouped expert GEMMs: rows [ep][E/ep][slots]; expert j's rows are ep blocks of `slots` rows.
-  const Sizes z = sizes(plan_);
+  const Sizes& z = z_;
   const auto blocks = [&](i64 j, auto&& fn) {
     for (i64 src = 0; src < z.ep; ++src) fn((src * z.E_l + j) * z.slots);
   };
@@ -332,7 +331,7 @@ void CpuBackend::gemm(const Op& op, TensorArena& arena) {
 }
 
 void CpuBackend::rope(const Op& op, TensorArena& arena) {
-  const Sizes z = sizes(plan_);
+  const Sizes& z = z_;
   const Operands o = operands(program_, op);
   const F x = view(arena, o.out[0]);
   if (forward_phase(op.phase))
@@ -342,7 +341,7 @@ void CpuBackend::rope(const Op& op, TensorArena& arena) {
 }
 
 void CpuBackend::attention(const Op& op, TensorArena& arena) {
-  const Sizes z = sizes(plan_);
+  const Sizes& z = z_;
   const Operands o = operands(program_, op);
   const bool fwd = forward_phase(op.phase);
   const TensorUse& qkv_use = fwd ? o.in[0] : o.in[1];
@@ -385,7 +384,7 @@ void CpuBackend::attention(const Op& op, TensorArena& arena) {
 }
 
 void CpuBackend::copy(const Op& op, TensorArena& arena) {
-  const Sizes z = sizes(plan_);
+  const Sizes& z = z_;
   const Operands o = operands(program_, op);
   const i64 width = 2 * z.g_l * z.d, first = z.a_l * z.d;
   if (op.variant == Variant::PackKeyValues) {
@@ -465,7 +464,7 @@ Routing routing(std::span<std::byte> b, i64 assignments) {
 }  // namespace
 
 void CpuBackend::router(const Op& op, TensorArena& arena) {
-  const Sizes z = sizes(plan_);
+  const Sizes& z = z_;
   const Operands o = operands(program_, op);
   const MoeShape shape{op.m, z.E, z.top_k, z.slots};
   const double micro_batches = static_cast<double>(plan_.num_micro_batches) * plan_.plan.dp() * plan_.plan.cp();
@@ -482,7 +481,7 @@ void CpuBackend::router(const Op& op, TensorArena& arena) {
 }
 
 void CpuBackend::permute(const Op& op, TensorArena& arena) {
-  const Sizes z = sizes(plan_);
+  const Sizes& z = z_;
   const Operands o = operands(program_, op);
   const MoeShape shape{z.Tres, z.E, z.top_k, z.slots};
   const bool fwd = forward_phase(op.phase);
@@ -502,7 +501,7 @@ void CpuBackend::permute(const Op& op, TensorArena& arena) {
 }
 
 void CpuBackend::cross_entropy(const Op& op, TensorArena& arena) {
-  const Sizes z = sizes(plan_);
+  const Sizes& z = z_;
   const Operands o = operands(program_, op);
   const i64 rows = op.m, cols = op.n, vocab_begin = coord_.tp * z.V_l;
   const auto n = static_cast<std::size_t>(rows);
@@ -538,13 +537,15 @@ void CpuBackend::grad_norm_op(TensorArena& arena) {
   for (const ParamBuffer& b : program_.buffers) {
     const auto g = arena.floats(b.grad);
     const i64 base = b.grad_sharded ? optimizer_range(b).begin : 0;
-    for (const ParamSlot& s : b.slots)
-      for (i64 i = s.offset; i < s.offset + s.count; ++i) {
+    for (const ParamSlot& s : b.slots) {
+      const OwnedRange r = owned(b, s);
+      for (i64 i = r.begin; i < r.end; ++i) {
         const i64 at = i - base;
-        if (at < 0 || at >= static_cast<i64>(g.size()) || !counts_gradient(b, s, i)) continue;
+        if (at < 0 || at >= static_cast<i64>(g.size())) continue;
         const double v = g[static_cast<std::size_t>(at)];
         sq += v * v;
       }
+    }
   }
   const Operands o = operands(program_, *op_);
   view(arena, o.out[0])[0] = static_cast<float>(sq);
@@ -560,7 +561,7 @@ void CpuBackend::adamw(TensorArena& arena, bool on_host) {
   for (const ParamBuffer& b : program_.buffers) {
     const OwnedRange r = optimizer_range(b);
     const i64 owned = r.end - r.begin;
-    F state = on_host ? F(host_state_) : arena.floats(*optimizer_tensor());
+    F state = on_host ? F(host_state_) : arena.floats(*optimizer_);
     const F m = state.subspan(static_cast<std::size_t>(b.optimizer_offset), static_cast<std::size_t>(owned));
     const F v = state.subspan(static_cast<std::size_t>(b.optimizer_offset + owned), static_cast<std::size_t>(owned));
     if (on_host) {
@@ -600,14 +601,8 @@ void CpuBackend::copy_to_device(TensorArena& arena) {
   }
 }
 
-std::optional<std::uint32_t> CpuBackend::optimizer_tensor() const {
-  for (std::uint32_t t = 0; t < program_.tensors.size(); ++t)
-    if (program_.tensors[t].cls == TensorClass::Optimizer) return t;
-  return std::nullopt;
-}
-
 void CpuBackend::export_owned(TensorArena& arena, Export what, std::map<std::string, std::vector<double>>& out) const {
-  const Sizes z = sizes(plan_);
+  const Sizes& z = z_;
   const bool gradients = what == Export::Gradients;
   for (const ParamBuffer& b : program_.buffers) {
     const bool sharded = gradients ? b.grad_sharded : b.weight_sharded;
@@ -617,9 +612,10 @@ void CpuBackend::export_owned(TensorArena& arena, Export what, std::map<std::str
       const LogicalParam& p = slot_param(b, s);
       auto& full = out[p.name];
       if (full.empty()) full.assign(static_cast<std::size_t>(p.count()), 0.0);
-      for (i64 li = 0; li < s.count; ++li) {
-        const i64 i = s.offset + li, at = i - base;
-        if (at < 0 || at >= static_cast<i64>(t.size()) || !counts_gradient(b, s, i)) continue;
+      const OwnedRange r = owned(b, s);
+      for (i64 i = r.begin; i < r.end; ++i) {
+        const i64 li = i - s.offset, at = i - base;
+        if (at < 0 || at >= static_cast<i64>(t.size())) continue;
         const i64 gi = b.shard_group == GroupKind::ExpertDP ? li : global_index(p, dims_, z.tp, coord_.tp, li);
         full[static_cast<std::size_t>(gi)] = what == Export::Ownership ? 1.0 : t[static_cast<std::size_t>(at)];
       }

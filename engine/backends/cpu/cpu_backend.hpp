@@ -65,7 +65,10 @@ class CpuBackend final : public ComputeBackend {
     std::int64_t begin = 0, end = 0;  // buffer elements [begin, end) this rank updates
   };
   OwnedRange optimizer_range(const ParamBuffer& b) const;
-  bool counts_gradient(const ParamBuffer& b, const ParamSlot& s, std::int64_t element) const;
+  // The elements of slot s (buffer offsets) whose gradient this rank owns: each element of the
+  // model has exactly one owner across the job (its ZeRO block, or rank 0 of the groups that
+  // replicate it; the first stage for a tied embedding).
+  OwnedRange owned(const ParamBuffer& b, const ParamSlot& s) const;
   const LogicalParam& slot_param(const ParamBuffer& b, const ParamSlot& s) const;
   int group_index(GroupKind g) const;
 
@@ -87,7 +90,6 @@ class CpuBackend final : public ComputeBackend {
   void adamw(TensorArena& arena, bool on_host);
   void copy_to_host(TensorArena& arena);
   void copy_to_device(TensorArena& arena);
-  std::optional<std::uint32_t> optimizer_tensor() const;
 
   const CompiledPlan& plan_;
   const Program& program_;
@@ -97,6 +99,8 @@ class CpuBackend final : public ComputeBackend {
   TrainOptions opt_;
   std::vector<LogicalParam> params_;
   ParamDims dims_;
+  LocalDims z_;                               // the rank's sizes, as the compiler derived them
+  std::optional<std::uint32_t> optimizer_;    // the optimizer-state tensor (none under offload)
 
   // This rank's view of the current micro-batch: T rows, sequence-major.
   std::int64_t iteration_ = 0;
