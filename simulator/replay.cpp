@@ -25,12 +25,28 @@ namespace {
 
 namespace s4u = simgrid::s4u;
 
+// SimGrid runs one actor at a time and switches only inside its calls, so a rank's streams share
+// this state without locks; a stream that must wait suspends itself and is resumed by the stream
+// that changes what it waits for (a mutex and condition variable cost several context switches
+// per op, most of a large replay's time).
 struct RankState {
   std::vector<char> done;
   std::uint32_t issue = 0;  // in-order issue: the next op the host thread may issue
   std::vector<OpTiming> timing;
-  s4u::MutexPtr mutex = s4u::Mutex::create();
-  s4u::ConditionVariablePtr cv = s4u::ConditionVariable::create();
+  std::vector<s4u::ActorPtr> waiting;  // streams suspended until done or issue changes
+
+  template <class Ready>
+  void wait_until(const Ready& ready) {
+    while (!ready()) {
+      waiting.push_back(s4u::Actor::self());
+      s4u::this_actor::suspend();
+    }
+  }
+  void wake() {
+    std::vector<s4u::ActorPtr> w;
+    w.swap(waiting);
+    for (auto& a : w) a->resume();
+  }
 };
 
 // Collectives of one group kind are numbered in program order; members of an instance agree on it.
@@ -135,12 +151,8 @@ class Replay {
     for (std::size_t k = 0; k < ops.size();) {
       const std::uint32_t i = ops[k];
       const Op& op = prog.ops[i];
-      {
-        std::unique_lock lock(*st.mutex);
-        while (in_order_ && st.issue != i) st.cv->wait(lock);
-        for (auto d : prog.deps_of(op))
-          while (!st.done[d]) st.cv->wait(lock);
-      }
+      if (in_order_) st.wait_until([&] { return st.issue == i; });
+      for (auto d : prog.deps_of(op)) st.wait_until([&] { return st.done[d] != 0; });
       const double start = s4u::Engine::get_clock();
       if (is_comm(op.kind)) {
         st.timing[i].start = start;
@@ -172,15 +184,13 @@ class Replay {
   }
 
   void issued(RankState& st, std::uint32_t i) {
-    std::unique_lock lock(*st.mutex);
     st.issue = i + 1;
-    st.cv->notify_all();
+    st.wake();
   }
 
   void finish(RankState& st, std::uint32_t i) {
-    std::unique_lock lock(*st.mutex);
     st.done[i] = 1;
-    st.cv->notify_all();
+    st.wake();
   }
 
   s4u::Mailbox* box(const std::string& name) { return s4u::Mailbox::by_name(name); }
@@ -240,11 +250,13 @@ class Replay {
       s4u::this_actor::sleep_for(measured ? *measured : op.kind == OpKind::AllReduce ? (tree ? tree_s : ring_s) : (n - 1) * step);
       return;
     }
-    if (exclusive_[static_cast<std::size_t>(op.group)]) {
-      const std::string group = fmt::format("{} {}", to_string(op.group), id);
-      auto& barrier = barriers_[group];
+    auto all_arrive = [&] {
+      auto& barrier = barriers_[fmt::format("{} {}", to_string(op.group), id)];
       if (!barrier) barrier = s4u::Barrier::create(static_cast<unsigned>(n));
       barrier->wait();
+    };
+    if (exclusive_[static_cast<std::size_t>(op.group)]) {
+      all_arrive();
       const Path p = platform_->path(members[static_cast<std::size_t>(me)], members[static_cast<std::size_t>(next)]);
       const double step = p.latency_s + bytes / n / p.bottleneck_bytes_per_s;
       double t = 0;
@@ -269,12 +281,11 @@ class Replay {
           tree_all_reduce(me, n, bytes, at);
           break;
         }
-        // ring: reduce-scatter then all-gather, 2(n-1) steps of S/n
-        for (int s = 0; s < 2 * (n - 1); ++s) send_recv(at(next, s), at(me, s), bytes / n);
+        streamed_ring(2 * (n - 1), n, bytes, hop, at(next, 0), at(me, 0), all_arrive);  // reduce-scatter + all-gather
         break;
       case OpKind::ReduceScatter:  // S is the input
       case OpKind::AllGather:      // S is the output
-        for (int s = 0; s < n - 1; ++s) send_recv(at(next, s), at(me, s), bytes / n);
+        streamed_ring(n - 1, n, bytes, hop, at(next, 0), at(me, 0), all_arrive);
         break;
       case OpKind::RingExchange:  // one step of the CP ring: S to the next member
         send_recv(at(next, 0), at(me, 0), bytes);
@@ -294,6 +305,20 @@ class Replay {
       }
       default: break;
     }
+  }
+
+  // A ring of `steps` steps of S/n, as NCCL runs it: chunks stream around the ring without a
+  // lockstep between steps, so each member's link to the next carries one continuous transfer of
+  // steps * S/n bytes, sharing links with whatever else crosses them, and the ring ends when its
+  // slowest link has carried its share. No member may finish before every member has arrived (each
+  // result holds everyone's contribution), hence the barrier first. One flow per member instead of
+  // one per step: a 1,024-member ring costs 1,024 flows, not two million, and uncontended it takes
+  // exactly the stepwise closed form steps * (latency + S/n / bandwidth).
+  template <class Arrive>
+  void streamed_ring(int steps, int n, double bytes, const Path& hop, s4u::Mailbox* to, s4u::Mailbox* from, const Arrive& arrive) {
+    arrive();
+    send_recv(to, from, steps * bytes / n);
+    s4u::this_actor::sleep_for((steps - 1) * hop.latency_s);  // the flow paid one hop's latency
   }
 
   // Binary tree over member indices (children 2i+1, 2i+2): partial sums flow up to member 0, the
