@@ -80,15 +80,15 @@ class Replay {
         for (auto d : p.deps_of(op)) watched[d] = 1;
       watched_.push_back(std::move(watched));
     }
-    for (std::size_t r = 0; r < ranks_.size(); ++r) {
-      if (!replayed(static_cast<int>(r))) continue;
-      const Program& prog = plan.program_of(static_cast<int>(r));
-      ranks_[r].done.assign(prog.ops.size(), 0);
-      ranks_[r].timing.assign(prog.ops.size(), {});
-    }
   }
 
-  bool replayed(int rank) const { return !fold_ || plan_.topology.dp_rank(plan_.topology.coord(rank)) == 0; }
+  // Folded: data-parallel replica 0 only, and of each tensor-parallel group only member 0 when the
+  // group's collectives take their closed form (its members then run identical programs at
+  // identical times: nothing tells them apart).
+  bool replayed(int rank) const {
+    const RankCoord c = plan_.topology.coord(rank);
+    return (!fold_ || plan_.topology.dp_rank(c) == 0) && (!fold_tp_ || c.tp == 0);
+  }
 
   // A group kind whose every instance lies inside one node, while no other group shares a node's
   // GPUs, owns those GPUs' NVLink links: its collectives cannot contend, so they cost their closed
@@ -118,10 +118,17 @@ class Replay {
       exclusive_[static_cast<std::size_t>(g)] =
           closed_form_ && users == 1 && intra[static_cast<std::size_t>(g)] && contained[static_cast<std::size_t>(g)];
     platform_ = &platform;
+    fold_tp_ = fold_ && exclusive_[static_cast<std::size_t>(GroupKind::TP)] && slowdown_.empty();
   }
 
   void start(const Platform& platform) {
     find_exclusive_groups(platform);
+    for (int r = 0; r < plan_.topology.world_size(); ++r) {
+      if (!replayed(r)) continue;
+      const Program& prog = plan_.program_of(r);
+      ranks_[static_cast<std::size_t>(r)].done.assign(prog.ops.size(), 0);
+      ranks_[static_cast<std::size_t>(r)].timing.assign(prog.ops.size(), {});
+    }
     for (int r = 0; r < plan_.topology.world_size(); ++r) {
       if (!replayed(r)) continue;
       const Program& prog = plan_.program_of(r);
@@ -256,7 +263,7 @@ class Replay {
       barrier->wait();
     };
     if (exclusive_[static_cast<std::size_t>(op.group)]) {
-      all_arrive();
+      if (!(fold_tp_ && op.group == GroupKind::TP)) all_arrive();  // folded members arrive together
       const Path p = platform_->path(members[static_cast<std::size_t>(me)], members[static_cast<std::size_t>(next)]);
       const double step = p.latency_s + bytes / n / p.bottleneck_bytes_per_s;
       double t = 0;
@@ -351,6 +358,7 @@ class Replay {
   bool in_order_;
   const CalibrationProfile* profile_;
   bool fold_;
+  bool fold_tp_ = false;
   AllReduceAlgorithm all_reduce_;
   std::vector<RankState> ranks_;
   std::vector<std::vector<std::uint32_t>> seq_;

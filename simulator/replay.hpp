@@ -42,7 +42,9 @@ struct SimOptions {
   bool in_order_issue = false;
   // Folded replay: only data-parallel replica 0 runs; the replicas' gradient collectives cost
   // their ring closed form over the fabric path between replicas (every replica is assumed to
-  // arrive at once, as identical replicas do). Needs cp = ep = 1.
+  // arrive at once, as identical replicas do). Where tensor-parallel collectives take their closed
+  // form (the group alone on its nodes' NVLink) and no rank is slowed, only tensor-parallel
+  // member 0 runs too: its peers' programs and times are the same. Needs cp = ep = 1.
   bool fold_data_parallel = false;
   // Measured op costs (parallax calibrate); ops it lacks fall back to the roofline.
   std::optional<CalibrationProfile> profile;

@@ -186,7 +186,8 @@ TEST(Replay, OneStragglerSlowsTheWholeDataParallelJob) {
 }
 
 TEST(Replay, FoldedDataParallelReplicasAgreeWithTheUnfoldedReplay) {
-  // tp8 fills each node, so replicas meet only in their gradient rings across the rails.
+  // tp8 fills each node, so replicas meet only in their gradient rings across the rails, and the
+  // tensor-parallel group owns its NVLink, so its member 0 alone stands for it.
   const SpecCatalog& cat = catalog();
   const ClusterSpec cluster = cat.cluster("h100-64");
   for (int dp : {2, 4}) {
@@ -203,6 +204,9 @@ TEST(Replay, FoldedDataParallelReplicasAgreeWithTheUnfoldedReplay) {
     const SimResult f = simulate(plan, cluster, folded), u = simulate(plan, cluster);
     EXPECT_NEAR(f.iteration_s / u.iteration_s, 1.0, 0.01) << "dp " << dp;
     EXPECT_LT(f.flows, u.flows);
+    // Replayed: tp member 0 of each stage of replica 0 (ranks 0 and 8 * dp); the rest folded away.
+    for (int r = 0; r < plan.topology.world_size(); ++r)
+      EXPECT_EQ(f.rank_end_s[static_cast<std::size_t>(r)] > 0, r == 0 || r == 8 * dp) << "rank " << r;
   }
 }
 
