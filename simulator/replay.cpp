@@ -394,10 +394,14 @@ Breakdown breakdown(const Program& prog, const std::vector<OpTiming>& t, double 
 SimResult run_replay(const CompiledPlan& plan, const ClusterSpec& cluster, const SimOptions& options) {
   if (options.fold_data_parallel && (plan.plan.cp() > 1 || plan.plan.ep() > 1))
     throw Error(ErrorKind::Usage, {}, "folded replay needs cp 1 and ep 1 (their groups cross replicas)", "replay unfolded");
-  int argc = 2;
+  // Tens of thousands of actors: no guard page per stack (each is one more memory mapping, and
+  // Linux allows 65,530 per process), and 256 KiB stacks, which the stream loops never approach.
+  int argc = 4;
   char name[] = "parallax-simulate";
   char quiet[] = "--log=root.thres:critical";
-  char* argv[] = {name, quiet, nullptr};
+  char guard[] = "--cfg=contexts/guard-size:0";
+  char stack[] = "--cfg=contexts/stack-size:256";
+  char* argv[] = {name, quiet, guard, stack, nullptr};
   char** args = argv;
   s4u::Engine engine(&argc, args);
   const Platform platform(cluster, plan.topology.world_size());
