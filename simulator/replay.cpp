@@ -49,16 +49,57 @@ struct RankState {
   }
 };
 
-// Collectives of one group kind are numbered in program order; members of an instance agree on it.
-std::vector<std::uint32_t> collective_sequence(const Program& prog) {
-  std::vector<std::uint32_t> seq(prog.ops.size(), 0);
-  std::array<std::uint32_t, kNumGroupKinds> count{};
-  for (std::size_t i = 0; i < prog.ops.size(); ++i)
-    if (is_collective(prog.ops[i].kind)) seq[i] = count[static_cast<std::size_t>(prog.ops[i].group)]++;
-  return seq;
-}
-
 int token = 0;  // the payload of every simulated message: only its size matters
+
+// What the replay keeps per process-group instance, built on first use: its members, each member's
+// path to the next one round the ring, a barrier, and its mailboxes. Collectives of one instance
+// run in the same order on every member and each transfer ends before its sender posts the next,
+// so one mailbox per member and purpose serves them all in FIFO order. (A ring's and a tree's
+// messages must not share one: a tree has no barrier, so a member's tree message can reach a
+// neighbour still waiting for the previous ring's.)
+enum MailboxPurpose { kRing = 0, kTreeUp = 1, kTreeDown = 2 };
+struct GroupState {
+  std::string name;          // e.g. "dp 3"
+  std::vector<int> members;  // ranks
+  std::vector<Path> hops;    // member i -> member i + 1
+  std::vector<s4u::Mailbox*> boxes;       // [member][purpose: kRing, kTreeUp, kTreeDown]
+  std::vector<s4u::Mailbox*> pair_boxes;  // [from][to]: direct all-to-all
+  int arrived = 0;
+  std::vector<s4u::ActorPtr> waiting;
+
+  const Path& hop(int member, const Platform& platform) {
+    if (hops.empty()) {
+      const std::size_t n = members.size();
+      for (std::size_t i = 0; i < n; ++i) hops.push_back(platform.path(members[i], members[(i + 1) % n]));
+    }
+    return hops[static_cast<std::size_t>(member)];
+  }
+  s4u::Mailbox* box(int member, int purpose) {
+    if (boxes.empty())
+      for (std::size_t i = 0; i < members.size(); ++i)
+        for (int k = 0; k < 3; ++k) boxes.push_back(s4u::Mailbox::by_name(fmt::format("{} m{} {}", name, i, k)));
+    return boxes[static_cast<std::size_t>(3 * member + purpose)];
+  }
+  s4u::Mailbox* pair_box(int from, int to) {
+    const std::size_t n = members.size();
+    if (pair_boxes.empty())
+      for (std::size_t i = 0; i < n * n; ++i) pair_boxes.push_back(s4u::Mailbox::by_name(fmt::format("{} {}>{}", name, i / n, i % n)));
+    return pair_boxes[static_cast<std::size_t>(from) * n + static_cast<std::size_t>(to)];
+  }
+  // Returns once every member has arrived. Actors switch only inside SimGrid calls, so the count
+  // needs no lock; s4u::Barrier would cost a mutex and a condition variable's switches per member.
+  void arrive() {
+    if (++arrived < static_cast<int>(members.size())) {
+      waiting.push_back(s4u::Actor::self());
+      s4u::this_actor::suspend();
+      return;
+    }
+    arrived = 0;
+    std::vector<s4u::ActorPtr> w;
+    w.swap(waiting);
+    for (auto& a : w) a->resume();
+  }
+};
 
 class Replay {
  public:
@@ -74,7 +115,6 @@ class Replay {
         all_reduce_(options.all_reduce),
         ranks_(static_cast<std::size_t>(plan.topology.world_size())) {
     for (const Program& p : plan.roles) {
-      seq_.push_back(collective_sequence(p));
       std::vector<char> watched(p.ops.size(), 0);
       for (const Op& op : p.ops)
         for (auto d : p.deps_of(op)) watched[d] = 1;
@@ -202,6 +242,19 @@ class Replay {
 
   s4u::Mailbox* box(const std::string& name) { return s4u::Mailbox::by_name(name); }
 
+  // Per group instance and stream: one stream's collectives of a group are ordered alike on every
+  // member, but two streams' may overlap (a gradient bucket's reduction beside a gather).
+  GroupState& group_state(GroupKind kind, int id, Stream stream) {
+    auto& all = groups_[static_cast<std::size_t>(kind)];
+    if (all.empty()) all.resize(static_cast<std::size_t>(plan_.topology.num_groups(kind) * kNumStreams));
+    GroupState& g = all[static_cast<std::size_t>(id * kNumStreams + static_cast<int>(stream))];
+    if (g.members.empty()) {
+      g.members = plan_.topology.members(kind, id);
+      g.name = fmt::format("{} {} {}", to_string(kind), id, to_string(stream));
+    }
+    return g;
+  }
+
   void send_recv(s4u::Mailbox* to, s4u::Mailbox* from, double bytes) {
     s4u::CommPtr out = to->put_async(&token, static_cast<std::uint64_t>(bytes));
     from->get<int>();
@@ -236,47 +289,39 @@ class Replay {
       return;
     }
     const int id = plan_.ranks[static_cast<std::size_t>(rank)].group[static_cast<std::size_t>(op.group)];
-    const std::vector<int> members = topo.members(op.group, id);
-    const int n = static_cast<int>(members.size()), me = topo.group_index(op.group, rank);
-    const std::string key = fmt::format("{} {} {}", to_string(op.group), id, seq_[static_cast<std::size_t>(prog.pp_stage)][i]);
-    auto at = [&](int member, int step) { return box(fmt::format("{} s{} m{}", key, step, member)); };
+    GroupState& g = group_state(op.group, id, op.stream);
+    const int n = static_cast<int>(g.members.size()), me = topo.group_index(op.group, rank);
     const int next = (me + 1) % n;
     // Ring: 2(n-1) steps of S/n. Binary tree: reduce up and broadcast down, 2 ceil(log2 n) hops, each
     // moving S from (or to) two children through one link.
-    const Path hop = platform_->path(members[static_cast<std::size_t>(me)], members[static_cast<std::size_t>(next)]);
-    const double ring_s = 2 * (n - 1) * (hop.latency_s + bytes / n / hop.bottleneck_bytes_per_s);
+    const Path& hop = g.hop(me, *platform_);
+    const double step = hop.latency_s + bytes / n / hop.bottleneck_bytes_per_s;
+    const double ring_s = 2 * (n - 1) * step;
     const double fan = n > 2 ? 2.0 : 1.0;
     const double tree_s =
         2 * std::ceil(std::log2(static_cast<double>(n))) * (hop.latency_s + fan * bytes / hop.bottleneck_bytes_per_s);
     const bool tree = op.kind == OpKind::AllReduce &&
                       (all_reduce_ == AllReduceAlgorithm::Tree || (all_reduce_ == AllReduceAlgorithm::Auto && tree_s < ring_s));
     if (fold_ && (op.group == GroupKind::DP || op.group == GroupKind::ExpertDP)) {  // the other replicas are folded
-      const Path p = platform_->path(members[static_cast<std::size_t>(me)], members[static_cast<std::size_t>(next)]);
       const auto measured = profile_ ? profile_->collective_seconds(op.kind, n, bytes) : std::nullopt;
-      const double step = p.latency_s + bytes / n / p.bottleneck_bytes_per_s;
       s4u::this_actor::sleep_for(measured ? *measured : op.kind == OpKind::AllReduce ? (tree ? tree_s : ring_s) : (n - 1) * step);
       return;
     }
-    auto all_arrive = [&] {
-      auto& barrier = barriers_[fmt::format("{} {}", to_string(op.group), id)];
-      if (!barrier) barrier = s4u::Barrier::create(static_cast<unsigned>(n));
-      barrier->wait();
-    };
+    auto all_arrive = [&] { g.arrive(); };
+    auto at = [&](int member, int box_kind) { return g.box(member, box_kind); };
     if (exclusive_[static_cast<std::size_t>(op.group)]) {
       if (!(fold_tp_ && op.group == GroupKind::TP)) all_arrive();  // folded members arrive together
-      const Path p = platform_->path(members[static_cast<std::size_t>(me)], members[static_cast<std::size_t>(next)]);
-      const double step = p.latency_s + bytes / n / p.bottleneck_bytes_per_s;
       double t = 0;
       if (const auto measured = profile_ ? profile_->collective_seconds(op.kind, n, bytes) : std::nullopt) {
         s4u::this_actor::sleep_for(*measured);
         return;
       }
       switch (op.kind) {
-        case OpKind::AllReduce: t = tree ? tree_s : 2 * (n - 1) * step; break;
+        case OpKind::AllReduce: t = tree ? tree_s : ring_s; break;
         case OpKind::ReduceScatter:
         case OpKind::AllGather: t = (n - 1) * step; break;
-        case OpKind::AllToAll: t = p.latency_s + (n - 1) * bytes / n / p.bottleneck_bytes_per_s; break;
-        case OpKind::RingExchange: t = p.latency_s + bytes / p.bottleneck_bytes_per_s; break;
+        case OpKind::AllToAll: t = hop.latency_s + (n - 1) * bytes / n / hop.bottleneck_bytes_per_s; break;
+        case OpKind::RingExchange: t = hop.latency_s + bytes / hop.bottleneck_bytes_per_s; break;
         default: break;
       }
       s4u::this_actor::sleep_for(t);
@@ -288,14 +333,14 @@ class Replay {
           tree_all_reduce(me, n, bytes, at);
           break;
         }
-        streamed_ring(2 * (n - 1), n, bytes, hop, at(next, 0), at(me, 0), all_arrive);  // reduce-scatter + all-gather
+        streamed_ring(2 * (n - 1), n, bytes, hop, at(next, kRing), at(me, kRing), all_arrive);  // reduce-scatter + all-gather
         break;
       case OpKind::ReduceScatter:  // S is the input
       case OpKind::AllGather:      // S is the output
-        streamed_ring(n - 1, n, bytes, hop, at(next, 0), at(me, 0), all_arrive);
+        streamed_ring(n - 1, n, bytes, hop, at(next, kRing), at(me, kRing), all_arrive);
         break;
       case OpKind::RingExchange:  // one step of the CP ring: S to the next member
-        send_recv(at(next, 0), at(me, 0), bytes);
+        send_recv(at(next, kRing), at(me, kRing), bytes);
         break;
       case OpKind::AllToAll: {  // direct: S/n to every other member at once
         // Receives are posted at once too: a mailbox transfer starts only when both sides are there.
@@ -303,8 +348,8 @@ class Replay {
         std::vector<int*> received(static_cast<std::size_t>(n), nullptr);
         for (int j = 0; j < n; ++j) {
           if (j == me) continue;
-          comms.push_back(box(fmt::format("{} from{} to{}", key, me, j))->put_async(&token, static_cast<std::uint64_t>(bytes / n)));
-          comms.push_back(box(fmt::format("{} from{} to{}", key, j, me))->get_async<int>(&received[static_cast<std::size_t>(j)]));
+          comms.push_back(g.pair_box(me, j)->put_async(&token, static_cast<std::uint64_t>(bytes / n)));
+          comms.push_back(g.pair_box(j, me)->get_async<int>(&received[static_cast<std::size_t>(j)]));
         }
         for (auto& c : comms) c->wait();
         flows_ += n - 1;
@@ -329,23 +374,23 @@ class Replay {
   }
 
   // Binary tree over member indices (children 2i+1, 2i+2): partial sums flow up to member 0, the
-  // result flows back down. Mailbox step 0 carries the up-sweep, step 1 the down-sweep, per member.
+  // result flows back down, each sweep through its own mailboxes.
   template <class At>
   void tree_all_reduce(int me, int n, double bytes, const At& at) {
     const int parent = (me - 1) / 2;
     std::vector<s4u::CommPtr> up;
     std::array<int*, 2> received{};
     for (int c : {2 * me + 1, 2 * me + 2})
-      if (c < n) up.push_back(at(me, 0)->template get_async<int>(&received[up.size()]));  // both children at once
+      if (c < n) up.push_back(at(me, kTreeUp)->template get_async<int>(&received[up.size()]));  // both children at once
     for (auto& u : up) u->wait();
     if (me > 0) {
-      at(parent, 0)->put(&token, static_cast<std::uint64_t>(bytes));
-      at(me, 1)->template get<int>();
+      at(parent, kTreeUp)->put(&token, static_cast<std::uint64_t>(bytes));
+      at(me, kTreeDown)->template get<int>();
       ++flows_;
     }
     std::vector<s4u::CommPtr> down;
     for (int c : {2 * me + 1, 2 * me + 2})
-      if (c < n) down.push_back(at(c, 1)->put_async(&token, static_cast<std::uint64_t>(bytes)));
+      if (c < n) down.push_back(at(c, kTreeDown)->put_async(&token, static_cast<std::uint64_t>(bytes)));
     for (auto& d : down) d->wait();
     flows_ += static_cast<std::int64_t>(down.size());
   }
@@ -361,11 +406,10 @@ class Replay {
   bool fold_tp_ = false;
   AllReduceAlgorithm all_reduce_;
   std::vector<RankState> ranks_;
-  std::vector<std::vector<std::uint32_t>> seq_;
   std::vector<std::vector<char>> watched_;  // per role: ops another stream waits for
   std::array<bool, kNumGroupKinds> exclusive_{};
   const Platform* platform_ = nullptr;
-  std::map<std::string, s4u::BarrierPtr> barriers_;
+  std::array<std::vector<GroupState>, kNumGroupKinds> groups_;
   std::int64_t flows_ = 0;
 };
 
@@ -395,12 +439,12 @@ SimResult run_replay(const CompiledPlan& plan, const ClusterSpec& cluster, const
   if (options.fold_data_parallel && (plan.plan.cp() > 1 || plan.plan.ep() > 1))
     throw Error(ErrorKind::Usage, {}, "folded replay needs cp 1 and ep 1 (their groups cross replicas)", "replay unfolded");
   // Tens of thousands of actors: no guard page per stack (each is one more memory mapping, and
-  // Linux allows 65,530 per process), and 256 KiB stacks, which the stream loops never approach.
+  // Linux allows 65,530 per process), and 64 KiB stacks (a stream's loop and SimGrid's calls need a few).
   int argc = 4;
   char name[] = "parallax-simulate";
   char quiet[] = "--log=root.thres:critical";
   char guard[] = "--cfg=contexts/guard-size:0";
-  char stack[] = "--cfg=contexts/stack-size:256";
+  char stack[] = "--cfg=contexts/stack-size:64";
   char* argv[] = {name, quiet, guard, stack, nullptr};
   char** args = argv;
   s4u::Engine engine(&argc, args);
