@@ -11,7 +11,10 @@
 #include <xbt/config.hpp>
 
 #include <algorithm>
+#include <regex>
+#include <set>
 #include <cassert>
+#include <cmath>
 #include <string>
 #include <utility>
 #include <vector>
@@ -165,8 +168,30 @@ class FabricZone final : public NetZoneImpl {
 
  private:
   int nic_index(int g) const {
-    return (g / l_.gpus_per_node) * l_.nics + l_.nic_of_local[g % l_.gpus_per_node];
+    const int nic = (g / l_.gpus_per_node) * l_.nics + l_.nic_of_local[g % l_.gpus_per_node];
+    return nic_redirect_.empty() ? nic : nic_redirect_[static_cast<std::size_t>(nic)];
   }
+
+ public:
+  // A failed NIC's traffic moves to the next working NIC of its node. False when none is left.
+  bool fail_nic(int node, int k) {
+    if (nic_redirect_.empty())
+      for (int i = 0; i < static_cast<int>(nic_up_.size()); ++i) nic_redirect_.push_back(i);
+    failed_.insert(node * l_.nics + k);
+    for (int j = 0; j < l_.nics; ++j) {
+      int to = -1;
+      for (int step = 0; step < l_.nics && to < 0; ++step) {
+        const int cand = node * l_.nics + (j + step) % l_.nics;
+        if (!failed_.count(cand)) to = cand;
+      }
+      if (to < 0) return false;
+      nic_redirect_[static_cast<std::size_t>(node * l_.nics + j)] = to;
+    }
+    return true;
+  }
+  int nics_per_node() const { return l_.nics; }
+
+ private:
 
   // Appends the fabric links between two NICs (global indices); returns the switches crossed.
   int fabric(int a, int b, std::vector<StandardLinkImpl*>& links) const {
@@ -224,6 +249,8 @@ class FabricZone final : public NetZoneImpl {
   std::vector<StandardLinkImpl*> nic_up_, nic_down_;  // per node * nics + k
   std::vector<StandardLinkImpl*> up_, down_;          // per leaf or dragonfly router
   std::vector<StandardLinkImpl*> global_;             // dragonfly: per (group, group)
+  std::vector<int> nic_redirect_;                     // what-if: NIC -> the NIC carrying its traffic
+  std::set<int> failed_;
 };
 
 Layout make_layout(const ClusterSpec& c, int num_nodes) {
@@ -263,7 +290,8 @@ void set_unless_configured(const char* name, const std::string& value) {
 
 }  // namespace
 
-Platform::Platform(const ClusterSpec& cluster, int num_gpus) : cluster_(cluster), num_gpus_(num_gpus) {
+Platform::Platform(const ClusterSpec& cluster, int num_gpus, const std::vector<LinkChange>& changes)
+    : cluster_(cluster), num_gpus_(num_gpus) {
   validate_cluster(cluster_);
   const Location where{cluster_.file};
   if (num_gpus < 1 || num_gpus > cluster_.num_gpus()) {
@@ -285,6 +313,29 @@ Platform::Platform(const ClusterSpec& cluster, int num_gpus) : cluster_(cluster)
   auto* zone = new FabricZone("cluster-" + cluster_.name, make_layout(cluster_, num_nodes_));
   hosts_ = zone->build(cluster_, num_nodes_);
   zone->get_iface()->seal();
+
+  for (const LinkChange& c : changes) {
+    const std::string hint =
+        "links are named gpuG-nvlink, nodeN-nicK, suU-railK-leaf, leafU, routerR (each with -up and -down) and groupA-to-groupB";
+    if (!(c.factor >= 0) || !std::isfinite(c.factor))
+      throw Error(ErrorKind::Usage, where, "link " + c.link + ": the factor must be a finite number >= 0", hint);
+    std::vector<s4u::Link*> links;
+    for (const char* dir : {"", "-up", "-down"})
+      if (s4u::Link* l = s4u::Link::by_name_or_null(c.link + dir)) links.push_back(l);
+    if (links.empty())
+      throw Error(ErrorKind::Usage, where, "no link " + c.link + " in the platform of " + std::to_string(num_gpus) + " GPUs of " + cluster_.name, hint);
+    if (c.factor == 0) {
+      std::smatch m;
+      static const std::regex nic(R"(node(\d+)-nic(\d+))");
+      if (!std::regex_match(c.link, m, nic))
+        throw Error(ErrorKind::Usage, where, "only a NIC (nodeN-nicK) can fail, not " + c.link,
+                    "its routes have no alternative in this model: degrade it with a factor in (0, 1) instead");
+      if (!zone->fail_nic(std::stoi(m[1].str()), std::stoi(m[2].str())))
+        throw Error(ErrorKind::Usage, where, "failing " + c.link + " leaves node " + m[1].str() + " without a working NIC");
+      continue;
+    }
+    for (s4u::Link* l : links) l->set_bandwidth(l->get_bandwidth() * c.factor);
+  }
 }
 
 simgrid::s4u::Host* Platform::gpu(int index) const {

@@ -3,6 +3,7 @@
 // dragonfly) whose leaf uplinks carry the spec's oversubscription. platform.cpp says what is modeled.
 #pragma once
 
+#include <string>
 #include <vector>
 
 #include "engine/spec/spec.hpp"
@@ -21,6 +22,18 @@ struct Path {
   double bottleneck_bytes_per_s = 0;  // the slowest link: an uncontended flow's rate
 };
 
+// What-if on one link of the platform: its bandwidth times `factor` (below 1 degraded, above 1
+// upgraded). Links go by the names the platform gives them: gpuG-nvlink-up, nodeN-nicK-up,
+// suU-railK-leaf-up (rail-optimized), leafU-up (plain fat tree), routerR-up (dragonfly), each with
+// its -down twin, and groupA-to-groupB (dragonfly global links); a name without -up or -down means
+// both directions. Factor 0 fails a NIC (nodeN-nicK): its GPUs' inter-node traffic leaves through
+// the node's next working NIC, as NCCL falls back to another rail; other links cannot fail, since
+// their routes have no alternative in this model (degrade them instead).
+struct LinkChange {
+  std::string link;
+  double factor = 1;
+};
+
 class Platform {
  public:
   // Builds the first ceil(num_gpus / gpus_per_node) nodes of `cluster` into the current engine
@@ -28,7 +41,9 @@ class Platform {
   // engine must hold no platform yet: this sets the network model, which SimGrid fixes once the
   // first zone exists. Throws px::Error (Usage) when num_gpus is out of 1..cluster.num_gpus() or
   // the engine already has a platform, and (Spec) for a cluster that fails validate_cluster.
-  Platform(const ClusterSpec& cluster, int num_gpus);
+  // `changes` apply after the build; an unknown link or a failure of anything but a NIC, or of a
+  // node's last NIC, throws px::Error (Usage).
+  Platform(const ClusterSpec& cluster, int num_gpus, const std::vector<LinkChange>& changes = {});
   Platform(const Platform&) = delete;
   Platform& operator=(const Platform&) = delete;
 

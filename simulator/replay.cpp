@@ -57,33 +57,82 @@ int token = 0;  // the payload of every simulated message: only its size matters
 // so one mailbox per member and purpose serves them all in FIFO order. (A ring's and a tree's
 // messages must not share one: a tree has no barrier, so a member's tree message can reach a
 // neighbour still waiting for the previous ring's.)
-enum MailboxPurpose { kRing = 0, kTreeUp = 1, kTreeDown = 2 };
+enum MailboxPurpose { kRing, kTreeUp, kTreeDown, kLocalRing, kCrossRing, kPurposes };
 struct GroupState {
   std::string name;          // e.g. "dp 3"
   std::vector<int> members;  // ranks
   std::vector<Path> hops;    // member i -> member i + 1
-  std::vector<s4u::Mailbox*> boxes;       // [member][purpose: kRing, kTreeUp, kTreeDown]
+  std::vector<s4u::Mailbox*> boxes;       // [member][MailboxPurpose]
   std::vector<s4u::Mailbox*> pair_boxes;  // [from][to]: direct all-to-all
   int arrived = 0;
   std::vector<s4u::ActorPtr> waiting;
+  // The ring's slowest hop (highest latency, lowest bandwidth): what every member's closed forms
+  // use, so all members choose the same algorithm.
+  Path worst;
+  // Hierarchical layout, when every node holds the same number L > 1 of members and there are
+  // N > 1 nodes: member i's next member on its node and its next across nodes at its local index.
+  bool hierarchical = false;
+  int local_size = 1, nodes = 1;
+  std::vector<int> local_next, cross_next;
+  Path local_worst, cross_worst;
 
-  const Path& hop(int member, const Platform& platform) {
-    if (hops.empty()) {
-      const std::size_t n = members.size();
-      for (std::size_t i = 0; i < n; ++i) hops.push_back(platform.path(members[i], members[(i + 1) % n]));
+  void layout(const Platform& platform) {
+    if (!hops.empty()) return;
+    const std::size_t n = members.size();
+    for (std::size_t i = 0; i < n; ++i) hops.push_back(platform.path(members[i], members[(i + 1) % n]));
+    worst = slowest(hops);
+    std::map<int, std::vector<int>> by_node;  // node -> member indices, in group order
+    for (std::size_t i = 0; i < n; ++i) by_node[platform.node_of(members[i])].push_back(static_cast<int>(i));
+    local_size = static_cast<int>(by_node.begin()->second.size());
+    nodes = static_cast<int>(by_node.size());
+    hierarchical = local_size > 1 && nodes > 1 &&
+                   std::all_of(by_node.begin(), by_node.end(), [&](const auto& kv) { return static_cast<int>(kv.second.size()) == local_size; });
+    if (!hierarchical) return;
+    local_next.assign(n, 0);
+    cross_next.assign(n, 0);
+    std::vector<std::vector<int>> columns(static_cast<std::size_t>(local_size));  // per local index, one member per node
+    for (const auto& [node, local] : by_node)
+      for (std::size_t l = 0; l < local.size(); ++l) {
+        local_next[static_cast<std::size_t>(local[l])] = local[(l + 1) % local.size()];
+        columns[l].push_back(local[l]);
+      }
+    std::vector<Path> local_hops, cross_hops;
+    for (const auto& col : columns)
+      for (std::size_t k = 0; k < col.size(); ++k) cross_next[static_cast<std::size_t>(col[k])] = col[(k + 1) % col.size()];
+    for (std::size_t i = 0; i < n; ++i) {
+      local_hops.push_back(platform.path(members[i], members[static_cast<std::size_t>(local_next[i])]));
+      cross_hops.push_back(platform.path(members[i], members[static_cast<std::size_t>(cross_next[i])]));
     }
-    return hops[static_cast<std::size_t>(member)];
+    local_worst = slowest(local_hops);
+    cross_worst = slowest(cross_hops);
   }
+  static Path slowest(const std::vector<Path>& paths) {
+    Path w{{}, 0, paths.front().bottleneck_bytes_per_s};
+    for (const Path& p : paths) {
+      w.latency_s = std::max(w.latency_s, p.latency_s);
+      w.bottleneck_bytes_per_s = std::min(w.bottleneck_bytes_per_s, p.bottleneck_bytes_per_s);
+    }
+    return w;
+  }
+
+  // Mailbox::by_name is a simcall, so other members' actors run while the table fills: it is built
+  // aside and published whole.
   s4u::Mailbox* box(int member, int purpose) {
-    if (boxes.empty())
+    if (boxes.empty()) {
+      std::vector<s4u::Mailbox*> b;
       for (std::size_t i = 0; i < members.size(); ++i)
-        for (int k = 0; k < 3; ++k) boxes.push_back(s4u::Mailbox::by_name(fmt::format("{} m{} {}", name, i, k)));
-    return boxes[static_cast<std::size_t>(3 * member + purpose)];
+        for (int k = 0; k < kPurposes; ++k) b.push_back(s4u::Mailbox::by_name(fmt::format("{} m{} {}", name, i, k)));
+      boxes = std::move(b);
+    }
+    return boxes[static_cast<std::size_t>(kPurposes * member + purpose)];
   }
   s4u::Mailbox* pair_box(int from, int to) {
     const std::size_t n = members.size();
-    if (pair_boxes.empty())
-      for (std::size_t i = 0; i < n * n; ++i) pair_boxes.push_back(s4u::Mailbox::by_name(fmt::format("{} {}>{}", name, i / n, i % n)));
+    if (pair_boxes.empty()) {
+      std::vector<s4u::Mailbox*> b;
+      for (std::size_t i = 0; i < n * n; ++i) b.push_back(s4u::Mailbox::by_name(fmt::format("{} {}>{}", name, i / n, i % n)));
+      pair_boxes = std::move(b);
+    }
     return pair_boxes[static_cast<std::size_t>(from) * n + static_cast<std::size_t>(to)];
   }
   // Returns once every member has arrived. Actors switch only inside SimGrid calls, so the count
@@ -292,19 +341,34 @@ class Replay {
     GroupState& g = group_state(op.group, id, op.stream);
     const int n = static_cast<int>(g.members.size()), me = topo.group_index(op.group, rank);
     const int next = (me + 1) % n;
-    // Ring: 2(n-1) steps of S/n. Binary tree: reduce up and broadcast down, 2 ceil(log2 n) hops, each
-    // moving S from (or to) two children through one link.
-    const Path& hop = g.hop(me, *platform_);
+    g.layout(*platform_);
+    const Path& hop = g.worst;
+    // Closed forms on the slowest hop. Ring: 2(n-1) steps of S/n. Binary tree: reduce up and
+    // broadcast down, 2 ceil(log2 n) hops, each moving S from (or to) two children through one link.
+    // Hierarchical (L members on each of N nodes): reduce-scatter on the node, all-reduce of S/L
+    // across nodes among members of one local index, all-gather on the node.
     const double step = hop.latency_s + bytes / n / hop.bottleneck_bytes_per_s;
     const double ring_s = 2 * (n - 1) * step;
     const double fan = n > 2 ? 2.0 : 1.0;
     const double tree_s =
         2 * std::ceil(std::log2(static_cast<double>(n))) * (hop.latency_s + fan * bytes / hop.bottleneck_bytes_per_s);
-    const bool tree = op.kind == OpKind::AllReduce &&
-                      (all_reduce_ == AllReduceAlgorithm::Tree || (all_reduce_ == AllReduceAlgorithm::Auto && tree_s < ring_s));
+    const int L = g.local_size, N = g.nodes;
+    const double local_phase_s = (L - 1) * (g.local_worst.latency_s + bytes / L / g.local_worst.bottleneck_bytes_per_s);
+    const double cross_phase_s = 2 * (N - 1) * (g.cross_worst.latency_s + bytes / L / N / g.cross_worst.bottleneck_bytes_per_s);
+    const double hier_s = g.hierarchical ? 2 * local_phase_s + cross_phase_s : 0;
+    AllReduceAlgorithm algo = AllReduceAlgorithm::Ring;
+    if (op.kind == OpKind::AllReduce) {
+      algo = all_reduce_;
+      if (algo == AllReduceAlgorithm::Hierarchical && !g.hierarchical) algo = AllReduceAlgorithm::Ring;
+      if (algo == AllReduceAlgorithm::Auto) {
+        algo = tree_s < ring_s ? AllReduceAlgorithm::Tree : AllReduceAlgorithm::Ring;
+        if (g.hierarchical && hier_s < std::min(tree_s, ring_s)) algo = AllReduceAlgorithm::Hierarchical;
+      }
+    }
+    const double all_reduce_s = algo == AllReduceAlgorithm::Tree ? tree_s : algo == AllReduceAlgorithm::Hierarchical ? hier_s : ring_s;
     if (fold_ && (op.group == GroupKind::DP || op.group == GroupKind::ExpertDP)) {  // the other replicas are folded
       const auto measured = profile_ ? profile_->collective_seconds(op.kind, n, bytes) : std::nullopt;
-      s4u::this_actor::sleep_for(measured ? *measured : op.kind == OpKind::AllReduce ? (tree ? tree_s : ring_s) : (n - 1) * step);
+      s4u::this_actor::sleep_for(measured ? *measured : op.kind == OpKind::AllReduce ? all_reduce_s : (n - 1) * step);
       return;
     }
     auto all_arrive = [&] { g.arrive(); };
@@ -317,7 +381,7 @@ class Replay {
         return;
       }
       switch (op.kind) {
-        case OpKind::AllReduce: t = tree ? tree_s : ring_s; break;
+        case OpKind::AllReduce: t = all_reduce_s; break;
         case OpKind::ReduceScatter:
         case OpKind::AllGather: t = (n - 1) * step; break;
         case OpKind::AllToAll: t = hop.latency_s + (n - 1) * bytes / n / hop.bottleneck_bytes_per_s; break;
@@ -329,15 +393,24 @@ class Replay {
     }
     switch (op.kind) {
       case OpKind::AllReduce:
-        if (tree) {
+        if (algo == AllReduceAlgorithm::Tree) {
           tree_all_reduce(me, n, bytes, at);
-          break;
+        } else if (algo == AllReduceAlgorithm::Hierarchical) {
+          all_arrive();
+          const std::size_t m = static_cast<std::size_t>(me);
+          stream(at(g.local_next[m], kLocalRing), at(me, kLocalRing), (L - 1) * bytes / L, (L - 2) * g.local_worst.latency_s);
+          stream(at(g.cross_next[m], kCrossRing), at(me, kCrossRing), 2 * (N - 1) * bytes / L / N,
+                 (2 * N - 3) * g.cross_worst.latency_s);
+          stream(at(g.local_next[m], kLocalRing), at(me, kLocalRing), (L - 1) * bytes / L, (L - 2) * g.local_worst.latency_s);
+        } else {  // ring: reduce-scatter + all-gather
+          all_arrive();
+          stream(at(next, kRing), at(me, kRing), 2 * (n - 1) * bytes / n, (2 * n - 3) * hop.latency_s);
         }
-        streamed_ring(2 * (n - 1), n, bytes, hop, at(next, kRing), at(me, kRing), all_arrive);  // reduce-scatter + all-gather
         break;
       case OpKind::ReduceScatter:  // S is the input
       case OpKind::AllGather:      // S is the output
-        streamed_ring(n - 1, n, bytes, hop, at(next, kRing), at(me, kRing), all_arrive);
+        all_arrive();
+        stream(at(next, kRing), at(me, kRing), (n - 1) * bytes / n, (n - 2) * hop.latency_s);
         break;
       case OpKind::RingExchange:  // one step of the CP ring: S to the next member
         send_recv(at(next, kRing), at(me, kRing), bytes);
@@ -359,18 +432,16 @@ class Replay {
     }
   }
 
-  // A ring of `steps` steps of S/n, as NCCL runs it: chunks stream around the ring without a
-  // lockstep between steps, so each member's link to the next carries one continuous transfer of
-  // steps * S/n bytes, sharing links with whatever else crosses them, and the ring ends when its
-  // slowest link has carried its share. No member may finish before every member has arrived (each
-  // result holds everyone's contribution), hence the barrier first. One flow per member instead of
-  // one per step: a 1,024-member ring costs 1,024 flows, not two million, and uncontended it takes
-  // exactly the stepwise closed form steps * (latency + S/n / bandwidth).
-  template <class Arrive>
-  void streamed_ring(int steps, int n, double bytes, const Path& hop, s4u::Mailbox* to, s4u::Mailbox* from, const Arrive& arrive) {
-    arrive();
-    send_recv(to, from, steps * bytes / n);
-    s4u::this_actor::sleep_for((steps - 1) * hop.latency_s);  // the flow paid one hop's latency
+  // A ring of k steps of S/n, as NCCL runs it: chunks stream around the ring without a lockstep
+  // between steps, so each member's link to the next carries one continuous transfer of k S/n
+  // bytes, sharing links with whatever else crosses them, and the ring ends when its slowest link
+  // has carried its share. No member may finish before every member has arrived (each result holds
+  // everyone's contribution), hence the caller's barrier first. One flow per member instead of one
+  // per step: a 1,024-member ring costs 1,024 flows, not two million, and uncontended it takes the
+  // stepwise closed form k (latency + S/n / bandwidth): the flow pays one latency, the sleep the rest.
+  void stream(s4u::Mailbox* to, s4u::Mailbox* from, double bytes, double extra_latency_s) {
+    send_recv(to, from, bytes);
+    if (extra_latency_s > 0) s4u::this_actor::sleep_for(extra_latency_s);
   }
 
   // Binary tree over member indices (children 2i+1, 2i+2): partial sums flow up to member 0, the
@@ -448,7 +519,7 @@ SimResult run_replay(const CompiledPlan& plan, const ClusterSpec& cluster, const
   char* argv[] = {name, quiet, guard, stack, nullptr};
   char** args = argv;
   s4u::Engine engine(&argc, args);
-  const Platform platform(cluster, plan.topology.world_size());
+  const Platform platform(cluster, plan.topology.world_size(), options.links);
   Replay replay(plan, cluster, options);
   replay.start(platform);
   engine.run();

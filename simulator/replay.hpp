@@ -16,12 +16,15 @@
 #include "engine/plan/dry_run.hpp"
 #include "simulator/calibration.hpp"
 #include "simulator/cost_model.hpp"
+#include "simulator/platform.hpp"
 
 namespace px::sim {
 
-// All-reduce algorithm: NCCL's two families. Auto picks, per call, whichever the uncontended
-// closed form says is faster for that size and group, as NCCL's tuner does.
-enum class AllReduceAlgorithm { Auto, Ring, Tree };
+// All-reduce algorithm: NCCL's ring and tree, and the hierarchical one (reduce-scatter inside each
+// node, all-reduce across nodes, all-gather inside each node) for groups with several members on
+// each of several nodes. Auto picks, per call, whichever the uncontended closed form says is
+// fastest for that size and group, as NCCL's tuner does.
+enum class AllReduceAlgorithm { Auto, Ring, Tree, Hierarchical };
 
 struct SimOptions {
   AllReduceAlgorithm all_reduce = AllReduceAlgorithm::Auto;
@@ -36,6 +39,8 @@ struct SimOptions {
   // What-if: rank -> factor its compute and memory ops take longer by (a straggling or throttled
   // GPU); ranks not listed run at 1.
   std::map<int, double> slowdown;
+  // What-if: degraded, upgraded or failed links (platform.hpp).
+  std::vector<LinkChange> links;
   // The CPU engine's executor: one host thread issues a rank's ops in program order, a compute op
   // running to completion before the next is issued, a comm op only posted (GPUs issue each
   // stream independently instead).

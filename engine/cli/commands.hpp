@@ -37,6 +37,8 @@ struct SimulateFlags {
   std::string trace_out, db, experiment = "simulate";
   std::vector<int> trace_ranks;
   std::vector<std::string> slowdown;  // RANK=FACTOR
+  std::vector<std::string> links;     // LINK=FACTOR
+  std::string all_reduce = "auto";    // auto, ring, tree or hierarchical
   std::string profile;                // calibration profile to cost ops from
   bool in_order_issue = false;        // model the CPU engine's one-thread issue
   bool fold = false;                  // replay data-parallel replica 0 only

@@ -29,6 +29,11 @@ void register_simulate(CLI::App& app, Options& o) {
   o.simulate_cmd->add_option("--trace-ranks", o.sim.trace_ranks, "Ranks to trace (default: rank 0)");
   o.simulate_cmd->add_option("--db", o.sim.db, "Results database to record the prediction in");
   o.simulate_cmd->add_option("--slowdown", o.sim.slowdown, "What-if: RANK=FACTOR, that rank's GPU computes FACTOR times slower (repeatable)");
+  o.simulate_cmd->add_option("--link", o.sim.links,
+                             "What-if: LINK=FACTOR scales that link's bandwidth (e.g. node3-nic0=0.5, su0-rail2-leaf-up=0.75); "
+                             "FACTOR 0 fails a NIC, whose traffic moves to the node's next NIC (repeatable)");
+  o.simulate_cmd->add_option("--all-reduce", o.sim.all_reduce, "All-reduce algorithm: auto (fastest closed form per call, as NCCL's tuner), ring, tree or hierarchical")
+      ->check(CLI::IsMember({"auto", "ring", "tree", "hierarchical"}));
   o.simulate_cmd->add_option("--experiment", o.sim.experiment, "Experiment name in the results database");
   o.simulate_cmd->add_option("--profile", o.sim.profile, "Calibration profile (parallax calibrate) to cost measured ops from");
   o.simulate_cmd->add_flag("--fold", o.sim.fold, "Replay data-parallel replica 0 only; replicas' gradient rings in closed form");
@@ -84,6 +89,18 @@ int simulate(const Options& o) {
                   "e.g. --slowdown 5=1.5");
     options.slowdown[rank] = factor;
   }
+  for (const std::string& s : o.sim.links) {
+    const auto eq = s.rfind('=');
+    double factor = -1;
+    char tail = 0;
+    if (eq == std::string::npos || eq == 0 || std::sscanf(s.c_str() + eq + 1, "%lf%c", &factor, &tail) != 1 || !(factor >= 0))
+      throw Error(ErrorKind::Usage, {}, fmt::format("--link '{}' is not LINK=FACTOR with a factor >= 0", s), "e.g. --link node3-nic0=0.5");
+    options.links.push_back({s.substr(0, eq), factor});
+  }
+  options.all_reduce = o.sim.all_reduce == "ring"   ? sim::AllReduceAlgorithm::Ring
+                       : o.sim.all_reduce == "tree" ? sim::AllReduceAlgorithm::Tree
+                       : o.sim.all_reduce == "hierarchical" ? sim::AllReduceAlgorithm::Hierarchical
+                                                            : sim::AllReduceAlgorithm::Auto;
   for (int r : options.traced_ranks)
     if (r < 0 || r >= plan.topology.world_size())
       throw Error(ErrorKind::Usage, {}, fmt::format("--trace-ranks {} is outside the plan's {} ranks", r, plan.topology.world_size()));

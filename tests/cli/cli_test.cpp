@@ -154,6 +154,8 @@ INSTANTIATE_TEST_SUITE_P(
         Bad{"simulate_without_cluster", "simulate --model gpt2-124m", "--cluster"},
         Bad{"simulate_plan_exceeds_cluster", "simulate --model gpt2-124m --cluster h100-8 --dp 16 --global-batch 16", "h100-8"},
         Bad{"simulate_bad_slowdown", "simulate --model gpt2-124m --cluster h100-8 --dp 8 --global-batch 8 --slowdown 9=2", "--slowdown"},
+        Bad{"simulate_bad_link_factor", "simulate --model gpt2-124m --cluster h100-8 --dp 8 --global-batch 8 --link node0-nic0=x", "--link"},
+        Bad{"simulate_unknown_link", "simulate --model gpt2-124m --cluster h100-8 --dp 8 --global-batch 8 --link node7-nic0=0.5", "node7-nic0"},
         Bad{"train_bf16", "train --model tiny-gpt --precision bf16 --iterations 1", "fp32"},
         Bad{"train_world_mismatch", "train --model tiny-gpt --dp 2 --iterations 1", "mpirun -np 2"}),
     [](const auto& param_info) { return std::string(param_info.param.name); });

@@ -1,5 +1,6 @@
 // The replay against closed forms on an uncontended platform: a ring all-reduce takes 2(n-1)
-// point-to-point steps of S/n, a small one the binary tree's 2 log2(n) hops, a direct all-to-all
+// point-to-point steps of S/n, a small one the binary tree's 2 log2(n) hops, a hierarchical one its
+// node and cross-node rings, a direct all-to-all
 // shares each GPU's link among its n-1 flows,
 // and a pipeline of known stage times has the 1F1B bubble (p-1)/(m+p-1). Then: the same inputs
 // give the same output, bit for bit, and a whole compiled plan replays on an H100 node.
@@ -90,6 +91,83 @@ TEST(Replay, SmallAllReducesTakeTheTreeLargeOnesTheRing) {
   tree.all_reduce = AllReduceAlgorithm::Tree;
   const std::int64_t big = 256 << 20;
   EXPECT_NEAR(simulate(dp8(OpKind::AllReduce, big), h100_node(), tree).iteration_s / (6 * one_flow(2 * big)), 1.0, 0.01);
+}
+
+// Every GPU of node 0 sends `bytes` to the same GPU of node 1, eight messages at once, one per
+// rail (rails share no link).
+CompiledPlan cross_node_flows(std::int64_t bytes) {
+  CompiledPlan plan = compile("tiny-gpt-deep", [](PlanSpec& p) {
+    p.pipeline_model_parallel_size = 2;
+    p.data_parallel_size = 8;
+    p.global_batch_size = 8;
+  });
+  plan = with_single_op(plan, OpKind::Send, GroupKind::PP, Stream::PipeSendNext, bytes, 1);
+  Op& recv = plan.roles[1].ops[0];
+  recv.kind = OpKind::Recv;
+  recv.peer = -1;
+  recv.stream = Stream::PipeRecvPrev;
+  return plan;
+}
+double one_cross_node_flow(std::int64_t bytes) { return simulate(cross_node_flows(bytes), catalog().cluster("h100-64")).iteration_s; }
+
+TEST(Replay, DegradedAndFailedLinksSlowTheFlowsThatCrossThem) {
+  const std::int64_t big = std::int64_t{1} << 30;  // bandwidth-bound: latency is < 0.01% of it
+  const CompiledPlan plan = cross_node_flows(big);
+  const ClusterSpec cluster = catalog().cluster("h100-64");
+  const double base = simulate(plan, cluster).iteration_s;
+  SimOptions half;
+  half.links = {{"node0-nic0", 0.5}};
+  EXPECT_NEAR(simulate(plan, cluster, half).iteration_s / base, 2.0, 0.01);
+  // GPU 0's NIC fails: its traffic leaves through NIC 1, which GPU 1's flow already fills.
+  SimOptions failed;
+  failed.links = {{"node0-nic0", 0}};
+  EXPECT_NEAR(simulate(plan, cluster, failed).iteration_s / base, 2.0, 0.01);
+  // A degraded NVLink is off these routes; an upgraded NIC everywhere halves the time.
+  SimOptions nvlink;
+  nvlink.links = {{"gpu0-nvlink", 0.1}};
+  EXPECT_DOUBLE_EQ(simulate(plan, cluster, nvlink).iteration_s, base);
+  SimOptions faster;
+  for (int k = 0; k < 8; ++k) faster.links.push_back({"node1-nic" + std::to_string(k) + "-down", 2.0});
+  for (int k = 0; k < 8; ++k) faster.links.push_back({"node0-nic" + std::to_string(k) + "-up", 2.0});
+  EXPECT_NEAR(simulate(plan, cluster, faster).iteration_s / base, 0.5, 0.01);
+  // Bad what-ifs are refused with the link's name.
+  for (const std::vector<LinkChange>& bad : {std::vector<LinkChange>{{"node0-nic9", 0.5}}, std::vector<LinkChange>{{"gpu0-nvlink", 0}},
+                                             std::vector<LinkChange>{{"node0-nic0", -1}}}) {
+    SimOptions o;
+    o.links = bad;
+    try {
+      simulate(plan, cluster, o);
+      ADD_FAILURE() << bad[0].link << " was accepted";
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find(bad[0].link), std::string::npos) << e.what();
+    }
+  }
+  SimOptions all;
+  for (int k = 0; k < 8; ++k) all.links.push_back({"node0-nic" + std::to_string(k), 0});
+  EXPECT_THROW(simulate(plan, cluster, all), Error);
+}
+
+TEST(Replay, HierarchicalAllReduceIsReduceScatterOnTheNodeRingAcrossNodesAllGatherOnTheNode) {
+  // dp 16 over two nodes of eight: L = 8 members per node, N = 2 nodes.
+  const CompiledPlan plan = with_single_op(compile("tiny-gpt", [](PlanSpec& p) {
+                                             p.data_parallel_size = 16;
+                                             p.global_batch_size = 16;
+                                           }),
+                                           OpKind::AllReduce, GroupKind::DP, Stream::DataComm, 256 << 20);
+  const std::int64_t S = 256 << 20, L = 8, N = 2;
+  const double expected = 2 * (L - 1) * one_flow(S / L) + 2 * (N - 1) * one_cross_node_flow(S / (L * N));
+  const ClusterSpec cluster = catalog().cluster("h100-64");
+  SimOptions hier, ring;
+  hier.all_reduce = AllReduceAlgorithm::Hierarchical;
+  ring.all_reduce = AllReduceAlgorithm::Ring;
+  const double h = simulate(plan, cluster, hier).iteration_s;
+  EXPECT_NEAR(h / expected, 1.0, 0.01);
+  // The flat ring's slowest hop is the NIC, which it crosses with 2(n-1) steps of S/n; the tuner
+  // sees that and takes the hierarchy.
+  const double r = simulate(plan, cluster, ring).iteration_s;
+  EXPECT_NEAR(r / (2 * 15 * one_cross_node_flow(S / 16)), 1.0, 0.01);
+  EXPECT_LT(h, 0.5 * r);
+  EXPECT_DOUBLE_EQ(simulate(plan, cluster).iteration_s, h);
 }
 
 TEST(Replay, DirectAllToAllSharesEachLinkAmongItsFlows) {
