@@ -11,8 +11,10 @@
 
 namespace px::bench {
 
+// What a collective runs on: host memory (MPI) or device memory (NCCL). The benchmark fills and
+// checks host copies, so nothing here reads these spans.
 struct CollectiveBuffers {
-  std::vector<float> in, out;
+  std::span<float> in, out;
 };
 
 struct Collective {
@@ -23,8 +25,9 @@ struct Collective {
   std::size_t (*out_count)(std::size_t count, int n);
   double (*bus_factor)(int n);  // busBw = algBw * factor (nccl-tests doc/PERFORMANCE.md)
   void (*run)(Communicator& c, CollectiveBuffers& b);
-  // Number of wrong output elements, given every member filled its input with fill(rank, i).
-  std::size_t (*check)(const Communicator& c, const CollectiveBuffers& b);
+  // Number of wrong output elements (`out` on the host), given every member filled its input of
+  // in_count elements with fill(rank, i).
+  std::size_t (*check)(const Communicator& c, std::size_t in_count, std::span<const float> out);
 };
 
 // The value member r puts at input index i: distinct, exact in fp32, and with sums that stay exact.

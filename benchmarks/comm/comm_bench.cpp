@@ -1,7 +1,14 @@
 // Communication benchmark in nccl-tests' form: for each collective and message size, the time per
 // operation and algorithm/bus bandwidth, with every result checked (#wrong). Runs on the engine's
-// Communicator (MPI on CPU ranks now), launched by mpirun; rank 0 prints the table and can write
-// JSON for `parallax calibrate`. Exit code 1 when any result is wrong.
+// Communicator, launched by mpirun; rank 0 prints the table and can write JSON for `parallax
+// calibrate`. Exit code 1 when any result is wrong.
+//
+// Two programs from this source: comm_bench (MPI on CPU ranks, host buffers; links no CUDA, so it
+// runs on machines without a CUDA driver) and, built with PX_COMM_BENCH_NCCL, comm_bench_nccl
+// (`--backend nccl`, the default there: NCCL on one GPU per rank, device buffers, results checked
+// after copying back; `--backend mpi` there is comm_bench's run). Bookkeeping (wrong counts,
+// times) always goes over MPI on the host. comm_bench_nccl exits 77 (a skip) when no rank has a
+// device, unless PARALLAX_REQUIRE_GPU=1 makes that a failure.
 #include <CLI/CLI.hpp>
 #include <fmt/format.h>
 
@@ -9,22 +16,60 @@
 #include <chrono>
 #include <cstdio>
 #include <fstream>
+#include <memory>
 #include <nlohmann/json.hpp>
 
 #include "benchmarks/comm/collective.hpp"
 #include "engine/comm/mpi_comm.hpp"
+#ifdef PX_COMM_BENCH_NCCL
+#include <cstdlib>
+#include <string_view>
+
+#include "engine/backends/cuda/device_buffer.hpp"
+#include "engine/comm/launch.hpp"
+#include "engine/comm/nccl_comm.hpp"
+#endif
 
 namespace {
 
 using px::bench::Collective;
 using px::bench::CollectiveBuffers;
 
-void fill_buffers(const Collective& coll, int rank, int n, std::size_t count, CollectiveBuffers& b) {
+// Host buffers, filled and checked here, and (NCCL) the device copies the collective runs on.
+struct Buffers {
+  std::vector<float> in, out;
+#ifdef PX_COMM_BENCH_NCCL
+  px::cuda::DeviceBuffer<float> d_in, d_out;
+#endif
+  CollectiveBuffers run;  // what the collective reads and writes
+
+  // The output as host values: copied back from the device first when it lives there.
+  std::span<const float> host_out(bool on_device) {
+#ifdef PX_COMM_BENCH_NCCL
+    if (on_device) out = d_out.download();
+#else
+    (void)on_device;
+#endif
+    return out;
+  }
+};
+
+void fill_buffers(const Collective& coll, int rank, int n, std::size_t count, bool on_device, Buffers& b) {
   b.in.resize(coll.in_count(count, n));
   b.out.resize(coll.out_count(count, n));
   for (std::size_t i = 0; i < b.in.size(); ++i) b.in[i] = px::bench::fill(rank, i);
   // In-place collectives (all-reduce, broadcast) work on `out`; start it as this member's input.
   for (std::size_t i = 0; i < b.out.size(); ++i) b.out[i] = px::bench::fill(rank, i);
+  b.run = {b.in, b.out};
+#ifdef PX_COMM_BENCH_NCCL
+  if (on_device) {
+    b.d_in = px::cuda::DeviceBuffer<float>(std::span<const float>(b.in));
+    b.d_out = px::cuda::DeviceBuffer<float>(std::span<const float>(b.out));
+    b.run = {{b.d_in.data(), b.d_in.size()}, {b.d_out.data(), b.d_out.size()}};
+  }
+#else
+  (void)on_device;
+#endif
 }
 
 }  // namespace
@@ -35,6 +80,11 @@ int main(int argc, char** argv) {
   std::size_t min_bytes = 8, max_bytes = 64 << 20;
   int factor = 2, iters = 20, warmup = 5;
   std::string which = "all", json_path;
+#ifdef PX_COMM_BENCH_NCCL
+  std::string backend = "nccl";
+#else
+  std::string backend = "mpi";
+#endif
   app.add_option("-b,--minbytes", min_bytes, "Smallest message, bytes");
   app.add_option("-e,--maxbytes", max_bytes, "Largest message, bytes");
   app.add_option("-f,--stepfactor", factor, "Size multiplier between steps")->check(CLI::Range(2, 1024));
@@ -42,6 +92,8 @@ int main(int argc, char** argv) {
   app.add_option("-w,--warmup_iters", warmup, "Untimed iterations per size")->check(CLI::Range(0, 100000));
   app.add_option("-c,--collective", which, "all_reduce, all_gather, reduce_scatter, all_to_all, broadcast, send_recv or all");
   app.add_option("--json", json_path, "Also write the rows as JSON (rank 0)");
+  app.add_option("--backend", backend, "mpi (CPU, host buffers) or nccl (GPU, device buffers; comm_bench_nccl)")
+      ->check(CLI::IsMember({"mpi", "nccl"}));
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -50,6 +102,36 @@ int main(int argc, char** argv) {
   }
   auto world = mpi.world();
   const int n = world->size(), rank = world->rank();
+  px::Communicator* bench = world.get();  // the communicator being measured
+  const bool on_device = backend == "nccl";
+#ifdef PX_COMM_BENCH_NCCL
+  std::unique_ptr<px::NcclCommunicator> nccl;
+  if (on_device) {
+    // The same decision on every rank, so none goes on to an NCCL init the others skipped.
+    std::vector<float> no_device{px::cuda::device_count() == 0 ? 1.0f : 0.0f};
+    world->start_all_reduce_max(no_device)->wait();
+    if (no_device[0] != 0) {
+      const char* require = std::getenv("PARALLAX_REQUIRE_GPU");
+      const bool required = require && std::string_view(require) == "1";
+      if (rank == 0) std::fprintf(stderr, "comm_bench: --backend nccl needs a CUDA device on every rank; skipped\n");
+      return required ? 1 : 77;
+    }
+    try {
+      px::select_local_device(px::discover_launch().local_rank);
+      nccl = px::NcclCommunicator::create(*world);
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "comm_bench: rank %d: NCCL setup failed: %s\n", rank, e.what());
+      px::MpiRuntime::abort_job(2);  // the other ranks may be waiting inside the init
+    }
+    bench = nccl.get();
+  }
+#else
+  if (on_device) {
+    if (rank == 0) std::fprintf(stderr, "comm_bench: built without NCCL; --backend nccl is comm_bench_nccl's\n");
+    return 2;
+  }
+#endif
+  const char* backend_text = on_device ? "NCCL on GPU" : "MPI on CPU";
   nlohmann::json rows = nlohmann::json::array();
   std::size_t total_wrong = 0;
   bool found = false;
@@ -57,7 +139,8 @@ int main(int argc, char** argv) {
     if (which != "all" && which != coll.name) continue;
     found = true;
     if (rank == 0) {
-      fmt::print("# Collective {}: {} ranks, MPI on CPU, fp32; time = slowest rank's mean over {} iterations\n", coll.name, n, iters);
+      fmt::print("# Collective {}: {} ranks, {}, fp32; time = slowest rank's mean over {} iterations\n", coll.name, n, backend_text,
+                 iters);
       fmt::print("# {:>10} {:>12} {:>8} {:>6} {:>6} {:>10} {:>8} {:>8} {:>6}\n", "size", "count", "type", "redop", "root",
                  "time", "algbw", "busbw", "#wrong");
       fmt::print("# {:>10} {:>12} {:>8} {:>6} {:>6} {:>10} {:>8} {:>8} {:>6}\n", "(B)", "(elements)", "", "", "", "(us)",
@@ -66,15 +149,15 @@ int main(int argc, char** argv) {
     for (std::size_t bytes = min_bytes; bytes <= max_bytes; bytes *= static_cast<std::size_t>(factor)) {
       // Whole elements, divisible by the member count so every split collective has equal blocks.
       std::size_t count = std::max<std::size_t>(bytes / sizeof(float) / static_cast<std::size_t>(n), 1) * static_cast<std::size_t>(n);
-      CollectiveBuffers b;
-      fill_buffers(coll, rank, n, count, b);
-      coll.run(*world, b);
-      std::vector<float> wrong{static_cast<float>(coll.check(*world, b))};
+      Buffers b;
+      fill_buffers(coll, rank, n, count, on_device, b);
+      coll.run(*bench, b.run);
+      std::vector<float> wrong{static_cast<float>(coll.check(*bench, b.in.size(), b.host_out(on_device)))};
       world->all_reduce(wrong);
-      for (int i = 0; i < warmup; ++i) coll.run(*world, b);
-      world->barrier();
+      for (int i = 0; i < warmup; ++i) coll.run(*bench, b.run);
+      bench->barrier();
       const auto t0 = std::chrono::steady_clock::now();
-      for (int i = 0; i < iters; ++i) coll.run(*world, b);
+      for (int i = 0; i < iters; ++i) coll.run(*bench, b.run);
       const double mine = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / iters;
       std::vector<float> mine_v{static_cast<float>(mine)}, times(static_cast<std::size_t>(n));
       world->all_gather(mine_v, times);
@@ -99,7 +182,7 @@ int main(int argc, char** argv) {
     fmt::print("# Out of bounds values : {} {}\n", total_wrong, total_wrong ? "FAILED" : "OK");
     if (!json_path.empty()) {
       std::ofstream out(json_path);
-      out << nlohmann::json{{"benchmark", "parallax comm_bench"}, {"backend", "mpi"}, {"dtype", "float"}, {"rows", rows}}.dump(2) << "\n";
+      out << nlohmann::json{{"benchmark", "parallax comm_bench"}, {"backend", backend}, {"dtype", "float"}, {"rows", rows}}.dump(2) << "\n";
     }
   }
   return total_wrong ? 1 : 0;

@@ -42,6 +42,28 @@ TEST(Dropout, RowsDrawTheSameBitsWhateverShardHoldsThem) {
   EXPECT_NE(other, mf) << "another seed draws another mask";
 }
 
+TEST(Dropout, IntegerThresholdDecidesAsTheDoubleComparison) {
+  // The CUDA kernel decides with dropped_below(dropout_threshold(p)); it must drop exactly what
+  // dropped() drops, including at rates whose p 2^53 is an integer and at the extremes.
+  const double rates[] = {0.0, 0x1.0p-53, 0.1, 0.25, 0.5, 1.0 / 3.0, 0.9, 1.0 - 0x1.0p-53};
+  for (const double p : rates) {
+    const std::uint64_t t = px::dropout_threshold(p);
+    for (std::uint64_t key = 0; key < 64; ++key) {
+      const std::uint64_t stream = px::dropout_row_stream(5, key);
+      for (std::int64_t col = 0; col < 256; ++col)
+        ASSERT_EQ(px::dropped_below(stream, col, t), dropped(5, key, col, p)) << "p " << p << " key " << key << " col " << col;
+    }
+  }
+  // Bits just either side of the threshold, where a rounding slip would show.
+  for (const double p : rates) {
+    const std::uint64_t t = px::dropout_threshold(p);
+    for (std::uint64_t u : {t - 1, t, t + 1}) {
+      if (u >= (std::uint64_t{1} << 53)) continue;
+      EXPECT_EQ(u < t, static_cast<double>(u) * 0x1.0p-53 < p) << "p " << p << " u " << u;
+    }
+  }
+}
+
 TEST(Dropout, BackwardIsTheMaskedScaledGradient) {
   const std::int64_t cols = 8;
   const std::vector<std::uint64_t> keys = {1, 2, 3};

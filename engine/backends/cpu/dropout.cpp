@@ -1,18 +1,9 @@
 // Counter-based dropout masks and the fused dropout-add.
 #include "engine/backends/cpu/dropout.hpp"
-#include "engine/core/hash.hpp"
 
 #include <cassert>
 
 namespace px::cpu {
-
-// The boost::hash_combine step before the mix keeps (a, b) and (b, a) apart.
-std::uint64_t mix_key(std::uint64_t a, std::uint64_t b) { return splitmix64(a ^ (b + (a << 6) + (a >> 2))); }
-
-bool dropped(std::uint64_t seed, std::uint64_t row_key, std::int64_t col, double p) {
-  const std::uint64_t bits = mix_key(mix_key(seed, row_key), static_cast<std::uint64_t>(col));
-  return static_cast<double>(bits >> 11) * 0x1.0p-53 < p;  // 53 uniform bits in [0, 1)
-}
 
 template <class T>
 void dropout_add_forward(std::span<const T> x, std::span<const T> residual, std::span<T> out, std::span<std::uint8_t> mask,

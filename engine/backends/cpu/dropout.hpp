@@ -8,13 +8,13 @@
 #include <cstdint>
 #include <span>
 
+#include "engine/core/counter_rng.hpp"
+
 namespace px::cpu {
 
-// Deterministic 64-bit mixing of a key tuple (SplitMix64 finaliser, Steele et al. 2014).
-std::uint64_t mix_key(std::uint64_t a, std::uint64_t b);
-
-// True with probability p for this element (p in [0, 1)).
-bool dropped(std::uint64_t seed, std::uint64_t row_key, std::int64_t col, double p);
+// The mask hash lives in engine/core/counter_rng.hpp, one definition for the CPU and CUDA kernels.
+using px::dropped;
+using px::mix_key;
 
 // out = residual + mask * x / (1 - p) over [rows x cols], with the mask written to `mask`;
 // `residual` may be empty (plain dropout).
