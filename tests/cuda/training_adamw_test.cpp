@@ -115,7 +115,7 @@ TEST(CudaAdamW, MultiTensorStepsMatchTheCpu) {
   PX_REQUIRE_GPU();
   std::vector<Tensor> tensors = make_tensors();
   const cpu::AdamWConfig cpu_cfg{1e-2, 0.9, 0.95, 1e-8, 0.1};
-  const AdamWConfig cfg{cpu_cfg.lr, cpu_cfg.beta1, cpu_cfg.beta2, cpu_cfg.eps, cpu_cfg.weight_decay};
+  const AdamWConfig& cfg = cpu_cfg;
   DeviceBuffer<float> device_scale(1);
   const float kDeviceScale = 0.8f;
   device_scale.upload(std::vector<float>{kDeviceScale});

@@ -15,16 +15,12 @@
 #include <cstdint>
 #include <span>
 
+#include "engine/backends/cpu/adamw.hpp"
+
 namespace px::cuda {
 
-// The same hyper-parameters as px::cpu::AdamWConfig.
-struct AdamWConfig {
-  double lr = 3e-4;
-  double beta1 = 0.9;
-  double beta2 = 0.95;
-  double eps = 1e-8;
-  double weight_decay = 0.1;
-};
+// The CPU reference's hyper-parameters, one definition for both backends.
+using px::cpu::AdamWConfig;
 
 // One parameter tensor (or a shard of one) and its state, `count` elements each. param_bf16 may
 // be null (no working copy). Tensors may start at any 4-byte boundary; those whose pointers are
