@@ -550,6 +550,7 @@ SimResult run_replay(const CompiledPlan& plan, const ClusterSpec& cluster, const
     }
     r.measured_fraction = all > 0 ? measured / all : 0;
     r.measured_spread = measured > 0 ? spread / measured : 0;
+    r.error_band = all > 0 ? (spread + (all - measured) * options.cost.roofline_uncertainty) / all : 0;
   }
   const double tokens = static_cast<double>(plan.plan.global_batch_size) * plan.plan.seq_length;
   r.tokens_per_s = r.iteration_s > 0 ? tokens / r.iteration_s : 0;
@@ -576,6 +577,7 @@ SimResult from_json(const nlohmann::json& j) {
   r.flows = j.at("flows");
   r.measured_fraction = j.at("measured_fraction");
   r.measured_spread = j.at("measured_spread");
+  r.error_band = j.at("error_band");
   for (const auto& per_rank : j.at("timings")) {
     std::vector<OpTiming> t;
     for (const auto& p : per_rank) t.push_back({p[0], p[1]});
@@ -607,6 +609,7 @@ nlohmann::json SimResult::to_json() const {
           {"flows", flows},
           {"measured_fraction", measured_fraction},
           {"measured_spread", measured_spread},
+          {"error_band", error_band},
           {"timings", std::move(t)}};
 }
 

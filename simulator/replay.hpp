@@ -79,6 +79,10 @@ struct SimResult {
   // stated efficiencies instead).
   double measured_fraction = 0;
   double measured_spread = 0;
+  // Relative half-width of the prediction's error band: each compute cost's own uncertainty
+  // (a measured op's spread, a roofline op's stated uncertainty), weighted by its share of the
+  // slowest rank's compute. Network flows are exact for their model and add none.
+  double error_band = 0;
   nlohmann::json to_json() const;
 };
 

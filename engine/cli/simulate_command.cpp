@@ -131,6 +131,7 @@ int simulate(const Options& o) {
     rec.metrics = {{"iteration_time", 1e3 * r.iteration_s, "ms"},
                    {"tokens_per_second", r.tokens_per_s, "tokens/s"},
                    {"mfu", 100 * r.mfu, "%"},
+                   {"iteration_time_error_band", 100 * r.error_band, "%"},
                    {"compute_time", 1e3 * r.breakdown.compute_s, "ms"},
                    {"exposed_comm_time", 1e3 * r.breakdown.exposed_comm_s, "ms"},
                    {"bubble_time", 1e3 * r.breakdown.bubble_s, "ms"},
@@ -149,6 +150,9 @@ int simulate(const Options& o) {
                         {"measured_fraction", r.measured_fraction},
                         {"profile_measured_iteration_s", options.profile ? options.profile->measured_iteration_s() : 0.0},
                         {"measured_spread", r.measured_spread},
+                        {"error_band", {{"relative", r.error_band},
+                                        {"low_s", r.iteration_s * (1 - r.error_band)},
+                                        {"high_s", r.iteration_s * (1 + r.error_band)}}},
                         {"slowest_rank", r.slowest_rank},
                         {"breakdown_s",
                          {{"compute", r.breakdown.compute_s},
@@ -162,7 +166,9 @@ int simulate(const Options& o) {
     return 0;
   }
   fmt::print("{} on {} ({} GPUs), {}\n", model.name, cluster.name, plan.topology.world_size(), plan_to_json(plan_spec).dump());
-  fmt::print("iteration {:.3f} ms | {:.0f} tokens/s | MFU {:.1f}%\n", 1e3 * r.iteration_s, r.tokens_per_s, 100 * r.mfu);
+  fmt::print("iteration {:.3f} ms (error band +-{:.1f}%: {:.3f}-{:.3f} ms) | {:.0f} tokens/s | MFU {:.1f}%\n", 1e3 * r.iteration_s,
+             100 * r.error_band, 1e3 * r.iteration_s * (1 - r.error_band), 1e3 * r.iteration_s * (1 + r.error_band), r.tokens_per_s,
+             100 * r.mfu);
   fmt::print("  MFU = {}\n", mfu_formula);
   fmt::print("slowest rank {}: compute {:.3f} ms, exposed comm {:.3f} ms, pipeline bubble {:.3f} ms, other waits {:.3f} ms\n",
              r.slowest_rank, 1e3 * r.breakdown.compute_s, 1e3 * r.breakdown.exposed_comm_s, 1e3 * r.breakdown.bubble_s,

@@ -66,6 +66,9 @@ TEST(Calibration, ReplayCostsMeasuredOpsExactlyAsMeasured) {
   const SpecCatalog cat(PX_DATASETS_DIR);
   const SimResult r = simulate(plan, cat.cluster("h100-8"), o);
   EXPECT_DOUBLE_EQ(r.measured_fraction, 1.0);
+  // All compute measured: the error band is the measurements' own spread, not the roofline's.
+  EXPECT_DOUBLE_EQ(r.error_band, r.measured_spread);
+  EXPECT_DOUBLE_EQ(simulate(plan, cat.cluster("h100-8")).error_band, CostModelOptions{}.roofline_uncertainty);
   for (std::size_t k = 0; k < r.traced_ranks.size(); ++k) {
     const Program& prog = plan.program_of(r.traced_ranks[k]);
     for (std::size_t i = 0; i < prog.ops.size(); ++i) {
