@@ -25,6 +25,17 @@ namespace {
 
 namespace s4u = simgrid::s4u;
 
+// Resumes every actor in `waiting` and empties it. Resuming is a SimGrid call, during which other
+// actors run and may start waiting again, so the list is taken aside first; its storage comes
+// back when nobody joined meanwhile, so steady state allocates nothing.
+void resume_all(std::vector<s4u::ActorPtr>& waiting) {
+  std::vector<s4u::ActorPtr> w;
+  w.swap(waiting);
+  for (auto& a : w) a->resume();
+  w.clear();
+  if (waiting.empty()) waiting.swap(w);
+}
+
 // SimGrid runs one actor at a time and switches only inside its calls, so a rank's streams share
 // this state without locks; a stream that must wait suspends itself and is resumed by the stream
 // that changes what it waits for (a mutex and condition variable cost several context switches
@@ -42,11 +53,7 @@ struct RankState {
       s4u::this_actor::suspend();
     }
   }
-  void wake() {
-    std::vector<s4u::ActorPtr> w;
-    w.swap(waiting);
-    for (auto& a : w) a->resume();
-  }
+  void wake() { resume_all(waiting); }
 };
 
 int token = 0;  // the payload of every simulated message: only its size matters
@@ -144,9 +151,7 @@ struct GroupState {
       return;
     }
     arrived = 0;
-    std::vector<s4u::ActorPtr> w;
-    w.swap(waiting);
-    for (auto& a : w) a->resume();
+    resume_all(waiting);
   }
 };
 
