@@ -29,17 +29,74 @@ void CalibrationProfile::add(const std::string& signature, double seconds) {
   dirty_ = true;
 }
 
+namespace {
+
+// Reads one engine trace of `plan` and returns it with its rank, or throws naming the file.
+std::pair<int, nlohmann::json> read_trace(const CompiledPlan& plan, const std::filesystem::path& file) {
+  std::ifstream in(file);
+  if (!in) throw Error(ErrorKind::Io, {file.string()}, "cannot read the trace", "pass the trace_rank*.json files a run wrote");
+  nlohmann::json trace = nlohmann::json::parse(in, nullptr, false);
+  if (trace.is_discarded() || !trace.contains("traceEvents") || !trace.contains("distributedInfo"))
+    throw Error(ErrorKind::Parse, {file.string()}, "not a Chrome trace of a Parallax run", "pass the trace_rank*.json files a run wrote");
+  const int rank = trace["distributedInfo"].value("rank", -1);
+  if (rank < 0 || rank >= plan.topology.world_size() || trace["distributedInfo"].value("world_size", 0) != plan.topology.world_size())
+    throw Error(ErrorKind::Spec, {file.string()}, fmt::format("the trace is of rank {} of another plan", rank),
+                "pass the plan flags the run was trained with");
+  return {rank, std::move(trace)};
+}
+
+// The op an event times, or null for events that time no op; throws when the op is not the plan's.
+const Op* op_of_event(const Program& prog, const nlohmann::json& e, const std::filesystem::path& file, std::size_t& id) {
+  if (e.value("ph", "") != "X" || !e.contains("args") || !e["args"].contains("op id")) return nullptr;
+  id = e["args"]["op id"].get<std::size_t>();
+  if (id >= prog.ops.size() || e["args"].value("kind", "") != to_string(prog.ops[id].kind))
+    throw Error(ErrorKind::Spec, {file.string()}, fmt::format("op {} of the trace is not op {} of this plan", id, id),
+                "pass the plan flags the run was trained with");
+  return &prog.ops[id];
+}
+
+}  // namespace
+
+std::vector<std::vector<double>> recorded_op_seconds(const CompiledPlan& plan, const std::vector<std::filesystem::path>& traces) {
+  const int world = plan.topology.world_size();
+  std::vector<std::vector<std::vector<double>>> samples(static_cast<std::size_t>(world));
+  std::vector<std::string> file_of(static_cast<std::size_t>(world));
+  for (const auto& file : traces) {
+    const auto [rank, trace] = read_trace(plan, file);
+    const Program& prog = plan.program_of(rank);
+    auto& per_op = samples[static_cast<std::size_t>(rank)];
+    per_op.resize(prog.ops.size());
+    file_of[static_cast<std::size_t>(rank)] = file.string();
+    for (const auto& e : trace["traceEvents"]) {
+      std::size_t id = 0;
+      if (const Op* op = op_of_event(prog, e, file, id); op && !is_comm(op->kind)) per_op[id].push_back(1e-6 * e["dur"].get<double>());
+    }
+  }
+  std::vector<std::vector<double>> seconds(static_cast<std::size_t>(world));
+  for (int r = 0; r < world; ++r) {
+    const Program& prog = plan.program_of(r);
+    auto& per_op = samples[static_cast<std::size_t>(r)];
+    if (per_op.empty())
+      throw Error(ErrorKind::Usage, {}, fmt::format("no trace of rank {}: a verbatim replay needs every rank's trace", r),
+                  "pass all the trace_rank*.json files of the run");
+    auto& out = seconds[static_cast<std::size_t>(r)];
+    out.assign(prog.ops.size(), 0.0);
+    for (std::size_t i = 0; i < prog.ops.size(); ++i) {
+      if (is_comm(prog.ops[i].kind)) continue;
+      auto& v = per_op[i];
+      if (v.empty())
+        throw Error(ErrorKind::Spec, {file_of[static_cast<std::size_t>(r)]}, fmt::format("op {} ({}) of rank {} is not in its trace", i, prog.name_of(prog.ops[i]), r),
+                    "trace the whole iteration (--trace-iterations)");
+      std::nth_element(v.begin(), v.begin() + static_cast<std::ptrdiff_t>(v.size() / 2), v.end());
+      out[i] = v[v.size() / 2];
+    }
+  }
+  return seconds;
+}
+
 void CalibrationProfile::add_traces(const CompiledPlan& plan, const std::vector<std::filesystem::path>& traces) {
   for (const auto& file : traces) {
-    std::ifstream in(file);
-    if (!in) throw Error(ErrorKind::Io, {file.string()}, "cannot read the trace", "pass the trace_rank*.json files a run wrote");
-    const nlohmann::json trace = nlohmann::json::parse(in, nullptr, false);
-    if (trace.is_discarded() || !trace.contains("traceEvents") || !trace.contains("distributedInfo"))
-      throw Error(ErrorKind::Parse, {file.string()}, "not a Chrome trace of a Parallax run", "pass the trace_rank*.json files a run wrote");
-    const int rank = trace["distributedInfo"].value("rank", -1);
-    if (rank < 0 || rank >= plan.topology.world_size() || trace["distributedInfo"].value("world_size", 0) != plan.topology.world_size())
-      throw Error(ErrorKind::Spec, {file.string()}, fmt::format("the trace is of rank {} of another plan", rank),
-                  "pass the plan flags the run was trained with");
+    const auto [rank, trace] = read_trace(plan, file);
     const Program& prog = plan.program_of(rank);
     std::vector<std::pair<double, double>> compute;  // (start, end) of compute-stream ops, µs
     for (const auto& e : trace["traceEvents"]) {
@@ -48,13 +105,10 @@ void CalibrationProfile::add_traces(const CompiledPlan& plan, const std::vector<
         span = std::max(span, 1e-6 * e["dur"].get<double>());
         continue;
       }
-      if (e.value("ph", "") != "X" || !e.contains("args") || !e["args"].contains("op id")) continue;
-      const auto id = e["args"]["op id"].get<std::size_t>();
-      if (id >= prog.ops.size() || e["args"].value("kind", "") != to_string(prog.ops[id].kind))
-        throw Error(ErrorKind::Spec, {file.string()}, fmt::format("op {} of the trace is not op {} of this plan", id, id),
-                    "pass the plan flags the run was trained with");
-      const Op& op = prog.ops[id];
-      if (is_comm(op.kind)) continue;  // communication is simulated as flows
+      std::size_t id = 0;
+      const Op* found = op_of_event(prog, e, file, id);
+      if (!found || is_comm(found->kind)) continue;  // communication is simulated as flows
+      const Op& op = *found;
       add(op_signature(op), e["dur"].get<double>() * 1e-6);
       if (op.stream == Stream::Compute) compute.emplace_back(e["ts"].get<double>(), e["ts"].get<double>() + e["dur"].get<double>());
     }

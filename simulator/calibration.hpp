@@ -24,6 +24,12 @@ struct MeasuredCost {
   std::int64_t samples = 0;
 };
 
+// A run's own op durations, rank by rank and op by op ([rank][op id], seconds; comm ops 0): what
+// a verbatim replay of the recorded run costs each compute and memory op with. Each op takes the
+// median of its recorded iterations. Throws px::Error naming the file for a trace of another plan,
+// and naming the rank when a rank's trace is missing or lacks one of its ops.
+std::vector<std::vector<double>> recorded_op_seconds(const CompiledPlan& plan, const std::vector<std::filesystem::path>& traces);
+
 class CalibrationProfile {
  public:
   // Adds every compute and memory op of the traces (the engine's per-rank Chrome traces of

@@ -161,6 +161,7 @@ class Replay {
       : plan_(plan),
         cost_(cluster.gpu, cluster.node, options.cost, options.profile ? &*options.profile : nullptr),
         op_cost_(options.op_cost),
+        recorded_(options.recorded),
         slowdown_(options.slowdown),
         closed_form_(options.closed_form_exclusive_groups),
         in_order_(options.in_order_issue),
@@ -240,7 +241,10 @@ class Replay {
   std::int64_t flows() const { return flows_; }
 
  private:
-  double compute_cost(const Program& prog, const Op& op) const { return op_cost_ ? op_cost_(prog, op) : cost_.cost(op).seconds; }
+  double compute_cost(int rank, const Program& prog, std::uint32_t i) const {
+    if (!recorded_.empty()) return recorded_[static_cast<std::size_t>(rank)][i];
+    return op_cost_ ? op_cost_(prog, prog.ops[i]) : cost_.cost(prog.ops[i]).seconds;
+  }
 
   // Consecutive compute ops of a stream that nothing else waits on run back to back, so they take
   // one sleep for their summed cost and get their timings by addition: the same times, far fewer
@@ -273,7 +277,7 @@ class Replay {
       const double factor = slow == slowdown_.end() ? 1.0 : slow->second;
       for (std::size_t q = k; q <= last; ++q) {
         st.timing[ops[q]].start = t;
-        t += factor * compute_cost(prog, prog.ops[ops[q]]);
+        t += factor * compute_cost(rank, prog, ops[q]);
         st.timing[ops[q]].end = t;
       }
       s4u::this_actor::sleep_until(t);
@@ -474,6 +478,7 @@ class Replay {
   const CompiledPlan& plan_;
   CostModel cost_;
   std::function<double(const Program&, const Op&)> op_cost_;
+  const std::vector<std::vector<double>>& recorded_;
   std::map<int, double> slowdown_;
   bool closed_form_;
   bool in_order_;
@@ -512,6 +517,8 @@ Breakdown breakdown(const Program& prog, const std::vector<OpTiming>& t, double 
 }
 
 SimResult run_replay(const CompiledPlan& plan, const ClusterSpec& cluster, const SimOptions& options) {
+  if (!options.recorded.empty() && options.recorded.size() != static_cast<std::size_t>(plan.topology.world_size()))
+    throw Error(ErrorKind::Usage, {}, fmt::format("recorded costs of {} ranks for a plan of {}", options.recorded.size(), plan.topology.world_size()));
   if (options.fold_data_parallel && (plan.plan.cp() > 1 || plan.plan.ep() > 1))
     throw Error(ErrorKind::Usage, {}, "folded replay needs cp 1 and ep 1 (their groups cross replicas)", "replay unfolded");
   // Tens of thousands of actors: no guard page per stack (each is one more memory mapping, and
@@ -556,6 +563,10 @@ SimResult run_replay(const CompiledPlan& plan, const ClusterSpec& cluster, const
     r.measured_fraction = all > 0 ? measured / all : 0;
     r.measured_spread = measured > 0 ? spread / measured : 0;
     r.error_band = all > 0 ? (spread + (all - measured) * options.cost.roofline_uncertainty) / all : 0;
+    if (!options.recorded.empty()) {  // verbatim: every compute cost is the run's own
+      r.measured_fraction = 1;
+      r.measured_spread = r.error_band = 0;
+    }
   }
   const double tokens = static_cast<double>(plan.plan.global_batch_size) * plan.plan.seq_length;
   r.tokens_per_s = r.iteration_s > 0 ? tokens / r.iteration_s : 0;

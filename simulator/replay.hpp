@@ -51,6 +51,9 @@ struct SimOptions {
   // form (the group alone on its nodes' NVLink) and no rank is slowed, only tensor-parallel
   // member 0 runs too: its peers' programs and times are the same. Needs cp = ep = 1.
   bool fold_data_parallel = false;
+  // Verbatim replay of a recorded run at its own scale: every compute and memory op of every rank
+  // costs its own recorded duration ([rank][op], recorded_op_seconds in calibration.hpp).
+  std::vector<std::vector<double>> recorded;
   // Measured op costs (parallax calibrate); ops it lacks fall back to the roofline.
   std::optional<CalibrationProfile> profile;
 };

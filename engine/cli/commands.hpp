@@ -38,6 +38,7 @@ struct SimulateFlags {
   std::vector<int> trace_ranks;
   std::vector<std::string> slowdown;  // RANK=FACTOR
   std::vector<std::string> links;     // LINK=FACTOR
+  std::vector<std::string> replay_traces;  // verbatim replay of a recorded run
   std::string all_reduce = "auto";    // auto, ring, tree or hierarchical
   std::string profile;                // calibration profile to cost ops from
   bool in_order_issue = false;        // model the CPU engine's one-thread issue

@@ -34,6 +34,8 @@ void register_simulate(CLI::App& app, Options& o) {
                              "FACTOR 0 fails a NIC, whose traffic moves to the node's next NIC (repeatable)");
   o.simulate_cmd->add_option("--all-reduce", o.sim.all_reduce, "All-reduce algorithm: auto (fastest closed form per call, as NCCL's tuner), ring, tree or hierarchical")
       ->check(CLI::IsMember({"auto", "ring", "tree", "hierarchical"}));
+  o.simulate_cmd->add_option("--replay-traces", o.sim.replay_traces,
+                             "Verbatim replay of a recorded run: every rank's trace_rank*.json; each op costs its own recorded duration");
   o.simulate_cmd->add_option("--experiment", o.sim.experiment, "Experiment name in the results database");
   o.simulate_cmd->add_option("--profile", o.sim.profile, "Calibration profile (parallax calibrate) to cost measured ops from");
   o.simulate_cmd->add_flag("--fold", o.sim.fold, "Replay data-parallel replica 0 only; replicas' gradient rings in closed form");
@@ -79,6 +81,8 @@ int simulate(const Options& o) {
   options.traced_ranks = o.sim.trace_ranks;
   if (!o.sim.profile.empty()) options.profile = sim::CalibrationProfile::read(o.sim.profile);
   options.in_order_issue = o.sim.in_order_issue;
+  if (!o.sim.replay_traces.empty())
+    options.recorded = sim::recorded_op_seconds(plan, std::vector<std::filesystem::path>(o.sim.replay_traces.begin(), o.sim.replay_traces.end()));
   options.fold_data_parallel = o.sim.fold;
   for (const std::string& s : o.sim.slowdown) {
     int rank = -1;
@@ -146,7 +150,9 @@ int simulate(const Options& o) {
                         {"tokens_per_second", r.tokens_per_s},
                         {"mfu", r.mfu},
                         {"mfu_formula", mfu_formula},
-                        {"cost_model", o.sim.profile.empty() ? "roofline (no calibration profile)" : "measured (" + o.sim.profile + ") with roofline fallback"},
+                        {"cost_model", !options.recorded.empty() ? "verbatim (recorded traces)"
+                                       : o.sim.profile.empty()   ? "roofline (no calibration profile)"
+                                                                 : "measured (" + o.sim.profile + ") with roofline fallback"},
                         {"measured_fraction", r.measured_fraction},
                         {"profile_measured_iteration_s", options.profile ? options.profile->measured_iteration_s() : 0.0},
                         {"measured_spread", r.measured_spread},
@@ -179,7 +185,9 @@ int simulate(const Options& o) {
     const double m = options.profile->measured_iteration_s();
     fmt::print("the profiled run measured {:.3f} ms per iteration: predicted {:+.1f}%\n", 1e3 * m, 100 * (r.iteration_s - m) / m);
   }
-  if (o.sim.profile.empty())
+  if (!options.recorded.empty())
+    fmt::print("costs: verbatim, each op as its rank recorded it ({} traces)", o.sim.replay_traces.size());
+  else if (o.sim.profile.empty())
     fmt::print("costs: roofline (no calibration profile)");
   else
     fmt::print("costs: {:.1f}% of the slowest rank's compute measured ({}; spread {:.1f}%), the rest roofline", 100 * r.measured_fraction,

@@ -54,6 +54,29 @@ std::vector<fs::path> write_traces(const CompiledPlan& plan, const fs::path& dir
   return files;
 }
 
+TEST(Calibration, AVerbatimReplayCostsEveryRanksOpsAsThatRankRecordedThem) {
+  const CompiledPlan plan = tp2_pp2();
+  const fs::path dir = fs::path(::testing::TempDir()) / ("verbatim-" + std::to_string(getpid()));
+  // Jitter makes each op's duration differ from its signature's median: verbatim keeps it.
+  const std::vector<fs::path> files = write_traces(plan, dir, 0.25);
+  SimOptions o;
+  o.recorded = recorded_op_seconds(plan, files);
+  o.traced_ranks = {0, 1, 2, 3};
+  const SpecCatalog cat(PX_DATASETS_DIR);
+  const SimResult r = simulate(plan, cat.cluster("h100-8"), o);
+  EXPECT_EQ(r.error_band, 0.0);
+  for (std::size_t k = 0; k < r.traced_ranks.size(); ++k) {
+    const Program& prog = plan.program_of(r.traced_ranks[k]);
+    for (std::size_t i = 0; i < prog.ops.size(); ++i) {
+      if (is_comm(prog.ops[i].kind) || prog.ops[i].stream != Stream::Compute) continue;
+      const double recorded = fake_duration(prog.ops[i]) * (1 + (i % 2 ? 0.25 : -0.25));
+      EXPECT_NEAR(r.timings[k][i].end - r.timings[k][i].start, recorded, 1e-12) << prog.name_of(prog.ops[i]);
+    }
+  }
+  // Every rank's trace is needed.
+  EXPECT_THROW(recorded_op_seconds(plan, {files[0], files[1], files[2]}), Error);
+}
+
 TEST(Calibration, ReplayCostsMeasuredOpsExactlyAsMeasured) {
   const CompiledPlan plan = tp2_pp2();
   const fs::path dir = fs::path(::testing::TempDir()) / ("calibration-" + std::to_string(getpid()));
