@@ -13,6 +13,7 @@
 #include <cmath>
 #include <cstring>
 #include <map>
+#include <unordered_map>
 #include <fmt/format.h>
 #include <simgrid/s4u.hpp>
 
@@ -298,7 +299,14 @@ class Replay {
     st.wake();
   }
 
-  s4u::Mailbox* box(const std::string& name) { return s4u::Mailbox::by_name(name); }
+  // The mailbox of pipeline messages from src to dst in one direction, looked up once.
+  s4u::Mailbox* p2p_box(int src, int dst, bool forward) {
+    const std::int64_t key = (static_cast<std::int64_t>(src) * plan_.topology.world_size() + dst) * 2 + (forward ? 1 : 0);
+    if (const auto it = p2p_boxes_.find(key); it != p2p_boxes_.end()) return it->second;
+    s4u::Mailbox* mb = s4u::Mailbox::by_name(fmt::format("p2p {}>{} {}", src, dst, forward ? 'f' : 'b'));
+    p2p_boxes_[key] = mb;  // by_name is a simcall: inserted after it, whoever looked it up first
+    return mb;
+  }
 
   // Per group instance and stream: one stream's collectives of a group are ordered alike on every
   // member, but two streams' may overlap (a gradient bucket's reduction beside a gather).
@@ -328,7 +336,7 @@ class Replay {
       const int peer = topo.ring_neighbour(op.group, rank, op.peer);
       const bool forward = (op.kind == OpKind::Send) == (op.peer > 0);
       const int src = op.kind == OpKind::Send ? rank : peer, dst = op.kind == OpKind::Send ? peer : rank;
-      s4u::Mailbox* mb = box(fmt::format("p2p {}>{} {}", src, dst, forward ? 'f' : 'b'));
+      s4u::Mailbox* mb = p2p_box(src, dst, forward);
       if (const auto measured = profile_ ? profile_->collective_seconds(op.kind, 2, bytes) : std::nullopt) {
         // The benchmarked message time, once both sides are there (a rendezvous of no bytes).
         if (op.kind == OpKind::Send)
@@ -491,6 +499,7 @@ class Replay {
   std::array<bool, kNumGroupKinds> exclusive_{};
   const Platform* platform_ = nullptr;
   std::array<std::vector<GroupState>, kNumGroupKinds> groups_;
+  std::unordered_map<std::int64_t, s4u::Mailbox*> p2p_boxes_;
   std::int64_t flows_ = 0;
 };
 

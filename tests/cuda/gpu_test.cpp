@@ -3,6 +3,7 @@
 
 #include <cmath>
 #include <cstdlib>
+#include <random>
 #include <string_view>
 
 #include "engine/backends/cuda/check.hpp"
@@ -32,6 +33,14 @@ bool gpu_available() {
   if (got.empty() || worst <= 1.0) return ::testing::AssertionSuccess();
   return ::testing::AssertionFailure() << "element " << at << ": got " << got[at] << ", want " << want[at] << " (error "
                                        << worst << " x (atol " << atol << " + rtol " << rtol << " |want|))";
+}
+
+std::vector<float> uniform(std::size_t n, std::uint64_t seed, float lo, float hi) {
+  std::mt19937_64 rng(seed);
+  std::uniform_real_distribution<float> dist(lo, hi);
+  std::vector<float> v(n);
+  for (float& x : v) x = dist(rng);
+  return v;
 }
 
 }  // namespace px::test

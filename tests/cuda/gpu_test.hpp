@@ -4,8 +4,11 @@
 
 #include <gtest/gtest.h>
 
+#include <cstddef>
+#include <cstdint>
 #include <span>
 #include <string>
+#include <vector>
 
 namespace px::test {
 
@@ -15,6 +18,10 @@ bool gpu_available();
 
 // max |got - want| / (atol + rtol |want|) over all elements, and where it peaks; passes when <= 1.
 ::testing::AssertionResult close(std::span<const float> got, std::span<const float> want, double atol, double rtol);
+
+// n values uniform in [lo, hi), the same for the same seed on every machine's standard library
+// generator (mt19937_64 is fully specified; the distribution is libstdc++'s).
+std::vector<float> uniform(std::size_t n, std::uint64_t seed, float lo, float hi);
 
 }  // namespace px::test
 

@@ -27,14 +27,7 @@ namespace {
 
 using i64 = std::int64_t;
 using px::test::close;
-
-std::vector<float> uniform(std::size_t n, std::uint64_t seed, float lo, float hi) {
-  std::mt19937_64 rng(seed);
-  std::uniform_real_distribution<float> dist(lo, hi);
-  std::vector<float> v(n);
-  for (float& x : v) x = dist(rng);
-  return v;
-}
+using px::test::uniform;
 
 // One tensor on both sides: host state for the CPU step, device buffers (`offset` elements into
 // their allocation, to misalign them) for the GPU step.

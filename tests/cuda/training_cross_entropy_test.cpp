@@ -25,16 +25,9 @@ namespace {
 
 using i64 = std::int64_t;
 using px::test::close;
+using px::test::uniform;
 
 constexpr double kBf16Ulp = 1.0 / 256;
-
-std::vector<float> uniform(std::size_t n, std::uint64_t seed, float lo, float hi) {
-  std::mt19937_64 rng(seed);
-  std::uniform_real_distribution<float> dist(lo, hi);
-  std::vector<float> v(n);
-  for (float& x : v) x = dist(rng);
-  return v;
-}
 
 std::vector<std::int32_t> random_targets(i64 rows, i64 vocab, std::uint64_t seed) {
   std::mt19937_64 rng(seed);

@@ -37,17 +37,10 @@ namespace {
 
 using i64 = std::int64_t;
 using px::test::close;
+using px::test::uniform;
 using Ints = std::vector<std::int32_t>;
 
 constexpr double kBf16Ulp = 1.0 / 256;
-
-std::vector<float> uniform(std::size_t n, std::uint64_t seed, float lo, float hi) {
-  std::mt19937_64 rng(seed);
-  std::uniform_real_distribution<float> dist(lo, hi);
-  std::vector<float> v(n);
-  for (float& x : v) x = dist(rng);
-  return v;
-}
 
 std::vector<float> separated_logits(const MoeShape& s, std::uint64_t seed) {
   const std::vector<float> noise = uniform(static_cast<std::size_t>(s.tokens * s.experts), seed, -0.2f, 0.2f);
@@ -63,7 +56,6 @@ std::vector<float> separated_logits(const MoeShape& s, std::uint64_t seed) {
   return logits;
 }
 
-cpu::MoeShape cpu_shape(const MoeShape& s) { return {s.tokens, s.experts, s.topk, s.capacity}; }
 
 std::int64_t dropped(const Ints& expert) { return std::count(expert.begin(), expert.end(), -1); }
 
@@ -87,7 +79,7 @@ struct Routing {
 Routing cpu_route(const std::vector<float>& logits, const MoeShape& s, bool renormalize, float coeff) {
   Routing r{std::vector<float>(logits.size()), std::vector<float>(static_cast<std::size_t>(s.tokens * s.topk)),
             Ints(static_cast<std::size_t>(s.tokens * s.topk)), Ints(static_cast<std::size_t>(s.tokens * s.topk))};
-  r.aux = cpu::router_forward<float>(logits, r.probs, r.expert, r.slot, r.gate, cpu_shape(s), renormalize, coeff);
+  r.aux = cpu::router_forward<float>(logits, r.probs, r.expert, r.slot, r.gate, s, renormalize, coeff);
   return r;
 }
 
@@ -185,7 +177,7 @@ TEST(CudaMoeRouter, BackwardMatchesTheCpu) {
     const Routing fwd = gpu_route<float>(logits, s, c.renormalize, coeff);
     const std::vector<float> d_gate = uniform(fwd.gate.size(), seed++, -1.0f, 1.0f);
     std::vector<float> want(fwd.probs.size());
-    cpu::router_backward<float>(d_gate, fwd.probs, fwd.expert, want, cpu_shape(s), c.renormalize, coeff);
+    cpu::router_backward<float>(d_gate, fwd.probs, fwd.expert, want, s, c.renormalize, coeff);
 
     const DeviceBuffer<float> dd_gate{std::span<const float>(d_gate)}, probs{std::span<const float>(fwd.probs)};
     const DeviceBuffer<std::int32_t> expert{std::span<const std::int32_t>(fwd.expert)};
@@ -237,13 +229,12 @@ TEST(CudaMoePermute, ForwardAndBackwardMatchTheCpu) {
     const std::vector<bf16> x16 = to_bf16(x), out16 = to_bf16(out), dy16 = to_bf16(dy), d_disp16 = to_bf16(d_disp);
     const DeviceBuffer<bf16> d_x_in{std::span<const bf16>(x16)}, d_out_in{std::span<const bf16>(out16)},
         d_dy{std::span<const bf16>(dy16)}, d_ddisp{std::span<const bf16>(d_disp16)};
-    const cpu::MoeShape cs = cpu_shape(s);
 
     std::vector<float> dispatched(rows), d_x(toks), y(toks), d_expert_out(rows), d_gate(r.gate.size());
-    cpu::permute_forward<float>(x, r.expert, r.slot, dispatched, cs, h);
-    cpu::permute_backward<float>(d_disp, r.expert, r.slot, d_x, cs, h);
-    cpu::unpermute_forward<float>(out, r.expert, r.slot, r.gate, y, cs, h);
-    cpu::unpermute_backward<float>(dy, out, r.expert, r.slot, r.gate, d_expert_out, d_gate, cs, h);
+    cpu::permute_forward<float>(x, r.expert, r.slot, dispatched, s, h);
+    cpu::permute_backward<float>(d_disp, r.expert, r.slot, d_x, s, h);
+    cpu::unpermute_forward<float>(out, r.expert, r.slot, r.gate, y, s, h);
+    cpu::unpermute_backward<float>(dy, out, r.expert, r.slot, r.gate, d_expert_out, d_gate, s, h);
 
     DeviceBuffer<bf16> g_disp(rows), g_dx(toks), g_y(toks), g_dout(rows);
     DeviceBuffer<float> g_dgate(r.gate.size());

@@ -17,6 +17,7 @@
 #include <string>
 
 #include "engine/backends/cuda/check.hpp"
+#include "engine/backends/cuda/warp_reduce.cuh"
 
 namespace px::cuda {
 namespace {
@@ -509,8 +510,7 @@ __global__ void attention_delta_kernel(const float* out, const bf16* dout, float
   const long long at = (static_cast<long long>(i) * b + jh / heads) * heads * d + jh % heads * d;
   float s = 0.0f;
   for (int c = lane; c < d; c += 32) s += __bfloat162float(dout[at + c]) * out[at + c];
-#pragma unroll
-  for (int o = 16; o > 0; o /= 2) s += __shfl_xor_sync(0xffffffffu, s, o);
+  s = warp_sum(s);
   if (lane == 0) delta[w] = s;
 }
 

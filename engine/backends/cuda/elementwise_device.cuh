@@ -11,11 +11,12 @@
 #include <cstdint>
 
 #include "engine/backends/cuda/check.hpp"
+#include "engine/backends/cuda/warp_reduce.cuh"
 
 namespace px::cuda::ew {
 
 using bf16 = __nv_bfloat16;
-constexpr unsigned kFullMask = 0xffffffffu;
+using px::cuda::kFullMask;
 
 // N consecutive bf16; the alignment makes the compiler issue one vector access per pack, so a
 // Pack<8> access needs a 16-byte-aligned address (the host checks before choosing N = 8).
@@ -51,13 +52,7 @@ struct alignas(N) MaskPack {
   std::uint8_t v[N];
 };
 
-__device__ __forceinline__ float warp_sum(float x) {
-  // xor butterflies add the same two operands on both lanes of a pair (in swapped order, which
-  // addition does not see), so every lane ends with the same bits: callers rely on it.
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(kFullMask, x, o);
-  return x;
-}
+using px::cuda::warp_sum;
 
 __host__ __device__ constexpr std::int64_t ceil_div(std::int64_t a, std::int64_t b) { return (a + b - 1) / b; }
 

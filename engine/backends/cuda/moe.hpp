@@ -22,15 +22,12 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "engine/backends/cpu/moe.hpp"
+
 namespace px::cuda {
 
-// The same fields as px::cpu::MoeShape.
-struct MoeShape {
-  std::int64_t tokens = 0;
-  std::int64_t experts = 0;
-  std::int64_t topk = 0;
-  std::int64_t capacity = 0;  // token-assignments each expert takes from this batch of tokens
-};
+// The CPU reference's shape, one definition for both backends.
+using px::cpu::MoeShape;
 
 // Bytes of device workspace router_forward and router_backward need (256-byte aligned).
 std::size_t router_workspace_bytes(const MoeShape& s);

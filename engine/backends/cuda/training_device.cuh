@@ -9,24 +9,13 @@
 
 #include <cstdint>
 
+#include "engine/backends/cuda/warp_reduce.cuh"
+
 namespace px::cuda::train_dev {
 
-constexpr unsigned kFullMask = 0xffffffffu;
-
-__device__ __forceinline__ float warp_sum(float x) {
-  // xor butterflies add the same two operands on both lanes of each pair, so every lane ends
-  // with the same bits (addition is commutative), which callers rely on.
-  for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(kFullMask, x, o);
-  return x;
-}
-__device__ __forceinline__ double warp_sum(double x) {
-  for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(kFullMask, x, o);
-  return x;
-}
-__device__ __forceinline__ float warp_max(float x) {
-  for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(kFullMask, x, o));
-  return x;
-}
+using px::cuda::kFullMask;
+using px::cuda::warp_max;
+using px::cuda::warp_sum;
 
 // Sum or max over the block, returned to every thread. blockDim.x must be a multiple of 32 (at
 // most 1024) and every thread of the block must call it. Every warp reduces the same partials in
