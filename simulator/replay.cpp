@@ -12,7 +12,12 @@
 #include <cerrno>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <map>
+#include <memory>
+#include <optional>
+#include <queue>
+#include <tuple>
 #include <unordered_map>
 #include <fmt/format.h>
 #include <simgrid/s4u.hpp>
@@ -41,20 +46,56 @@ void resume_all(std::vector<s4u::ActorPtr>& waiting) {
 // this state without locks; a stream that must wait suspends itself and is resumed by the stream
 // that changes what it waits for (a mutex and condition variable cost several context switches
 // per op, most of a large replay's time).
+// How a lockstep unit (below) waits for its members' other streams: on a condition variable with a
+// timeout, since it may also have a result to publish at a set time.
+struct UnitSignal {
+  s4u::MutexPtr mutex = s4u::Mutex::create();
+  s4u::ConditionVariablePtr cv = s4u::ConditionVariable::create();
+  bool waiting = false;
+};
+
 struct RankState {
   std::vector<char> done;
   std::uint32_t issue = 0;  // in-order issue: the next op the host thread may issue
   std::vector<OpTiming> timing;
-  std::vector<s4u::ActorPtr> waiting;  // streams suspended until done or issue changes
+  // Streams suspended until an op is done (or, in-order issue, until it may be issued); a change
+  // resumes only the streams it lets go on.
+  struct Waiter {
+    s4u::ActorPtr actor;
+    std::uint32_t op;
+    bool for_issue;
+  };
+  std::vector<Waiter> waiting, resuming;
+  UnitSignal* unit = nullptr;  // the lockstep unit running this rank's compute streams
 
-  template <class Ready>
-  void wait_until(const Ready& ready) {
-    while (!ready()) {
-      waiting.push_back(s4u::Actor::self());
+  void wait_done(std::uint32_t op) { wait(op, false); }
+  void wait_issue(std::uint32_t op) { wait(op, true); }
+  void wake() {
+    if (!waiting.empty()) {
+      // Resuming is a SimGrid call during which others run and may start waiting: the ones to
+      // resume are taken aside first.
+      std::vector<Waiter> go;
+      go.swap(resuming);
+      go.clear();
+      std::erase_if(waiting, [&](const Waiter& w) {
+        if (!ready(w)) return false;
+        go.push_back(w);
+        return true;
+      });
+      for (const Waiter& w : go) w.actor->resume();
+      if (resuming.empty()) resuming.swap(go);
+    }
+    if (unit != nullptr && unit->waiting) unit->cv->notify_one();
+  }
+
+ private:
+  bool ready(const Waiter& w) const { return w.for_issue ? issue == w.op : done[w.op] != 0; }
+  void wait(std::uint32_t op, bool for_issue) {
+    while (!ready({nullptr, op, for_issue})) {
+      waiting.push_back({s4u::Actor::self(), op, for_issue});
       s4u::this_actor::suspend();
     }
   }
-  void wake() { resume_all(waiting); }
 };
 
 int token = 0;  // the payload of every simulated message: only its size matters
@@ -171,10 +212,14 @@ class Replay {
         all_reduce_(options.all_reduce),
         ranks_(static_cast<std::size_t>(plan.topology.world_size())) {
     for (const Program& p : plan.roles) {
-      std::vector<char> watched(p.ops.size(), 0);
+      std::vector<char> watched(p.ops.size(), 0), outside(p.ops.size(), 0);
       for (const Op& op : p.ops)
-        for (auto d : p.deps_of(op)) watched[d] = 1;
+        for (auto d : p.deps_of(op)) {
+          watched[d] = 1;
+          if (!in_unit(op.stream)) outside[d] = 1;
+        }
       watched_.push_back(std::move(watched));
+      watched_outside_unit_.push_back(std::move(outside));
     }
   }
 
@@ -215,6 +260,17 @@ class Replay {
           closed_form_ && users == 1 && intra[static_cast<std::size_t>(g)] && contained[static_cast<std::size_t>(g)];
     platform_ = &platform;
     fold_tp_ = fold_ && exclusive_[static_cast<std::size_t>(GroupKind::TP)] && slowdown_.empty();
+    // Lockstep units: when the compute streams' only collectives are an exclusive group's, each
+    // instance of that group runs its members' compute streams in one actor (run_unit).
+    unit_kind_.reset();
+    for (int g = 1; g < kNumGroupKinds && !in_order_; ++g) {
+      if (!exclusive_[static_cast<std::size_t>(g)]) continue;
+      bool only = true;
+      for (const Program& p : plan_.roles)
+        for (const Op& op : p.ops)
+          only = only && !(in_unit(op.stream) && is_comm(op.kind) && op.group != static_cast<GroupKind>(g));
+      if (only) unit_kind_ = static_cast<GroupKind>(g);
+    }
   }
 
   void start(const Platform& platform) {
@@ -225,13 +281,28 @@ class Replay {
       ranks_[static_cast<std::size_t>(r)].done.assign(prog.ops.size(), 0);
       ranks_[static_cast<std::size_t>(r)].timing.assign(prog.ops.size(), {});
     }
+    if (unit_kind_) {
+      const Topology& topo = plan_.topology;
+      for (int id = 0; id < topo.num_groups(*unit_kind_); ++id) {
+        std::vector<int> members;
+        for (int r : topo.members(*unit_kind_, id))
+          if (replayed(r)) members.push_back(r);
+        if (members.empty()) continue;
+        auto& u = units_.emplace_back(std::make_unique<Unit>());
+        u->id = id;
+        u->ranks = members;
+        for (int r : members) ranks_[static_cast<std::size_t>(r)].unit = &u->signal;
+        s4u::Actor::create(fmt::format("unit {} {}", to_string(*unit_kind_), id), platform.gpu(members.front()),
+                           [this, unit = u.get()] { run_unit(*unit); });
+      }
+    }
     for (int r = 0; r < plan_.topology.world_size(); ++r) {
       if (!replayed(r)) continue;
       const Program& prog = plan_.program_of(r);
       std::array<std::vector<std::uint32_t>, kNumStreams> streams;
       for (std::uint32_t i = 0; i < prog.ops.size(); ++i) streams[static_cast<std::size_t>(prog.ops[i].stream)].push_back(i);
       for (int s = 0; s < kNumStreams; ++s) {
-        if (streams[static_cast<std::size_t>(s)].empty()) continue;
+        if (streams[static_cast<std::size_t>(s)].empty() || (unit_kind_ && in_unit(static_cast<Stream>(s)))) continue;
         s4u::Actor::create(fmt::format("rank{}-{}", r, to_string(static_cast<Stream>(s))), platform.gpu(r),
                            [this, r, ops = std::move(streams[static_cast<std::size_t>(s)])] { run_stream(r, ops); });
       }
@@ -257,8 +328,8 @@ class Replay {
     for (std::size_t k = 0; k < ops.size();) {
       const std::uint32_t i = ops[k];
       const Op& op = prog.ops[i];
-      if (in_order_) st.wait_until([&] { return st.issue == i; });
-      for (auto d : prog.deps_of(op)) st.wait_until([&] { return st.done[d] != 0; });
+      if (in_order_) st.wait_issue(i);
+      for (auto d : prog.deps_of(op)) st.wait_done(d);
       const double start = s4u::Engine::get_clock();
       if (is_comm(op.kind)) {
         st.timing[i].start = start;
@@ -287,6 +358,140 @@ class Replay {
       finish(st, ops[last]);
       k = last + 1;
     }
+  }
+
+  static bool in_unit(Stream s) { return s == Stream::Compute || s == Stream::TensorComm; }
+
+  // A lockstep unit: the compute and tensor-comm streams of every replayed member of one exclusive
+  // group instance, in one actor. Their collectives take closed forms and their other ops cost
+  // what the cost model says, so between two interactions with the rest of the simulation (a
+  // dependency on another stream's op, or another stream waiting on one of theirs) their times
+  // follow by arithmetic: each stream runs its ops in order, an op starts when its stream is free
+  // and its dependencies have ended, a collective when every member has arrived, and ends its
+  // closed form later. The unit computes those times ahead of the clock, sleeps only until the
+  // next op another stream waits for, and wakes early when a dependency it waits for ends. Same
+  // times as one actor per stream with a barrier per collective, without the millions of context
+  // switches those cost at 10,000 ranks (tensor-parallel collectives are most of a plan's ops).
+  struct Unit {
+    int id = 0;
+    std::vector<int> ranks;  // replayed members
+    UnitSignal signal;
+  };
+
+  void run_unit(Unit& u) {
+    const std::size_t M = u.ranks.size();
+    const Program& prog = plan_.program_of(u.ranks.front());  // members share their stage's program
+    const std::vector<char>& outside = watched_outside_unit_[static_cast<std::size_t>(prog.pp_stage)];
+    std::array<std::vector<std::uint32_t>, 2> ops;  // Compute, TensorComm
+    for (std::uint32_t i = 0; i < prog.ops.size(); ++i)
+      if (in_unit(prog.ops[i].stream)) ops[prog.ops[i].stream == Stream::Compute ? 0 : 1].push_back(i);
+    std::vector<std::array<std::size_t, 2>> cursor(M, {0, 0});
+    std::vector<std::array<double, 2>> free_at(M, {0.0, 0.0});
+    std::vector<std::vector<char>> resolved(M, std::vector<char>(prog.ops.size(), 0));
+    std::vector<double> factor(M, 1.0);
+    for (std::size_t m = 0; m < M; ++m)
+      if (const auto it = slowdown_.find(u.ranks[m]); it != slowdown_.end()) factor[m] = it->second;
+    auto state = [&](std::size_t m) -> RankState& { return ranks_[static_cast<std::size_t>(u.ranks[m])]; };
+    // (end time, member, op) of ops other streams wait for, published when the clock gets there.
+    using Pending = std::tuple<double, std::size_t, std::uint32_t>;
+    std::priority_queue<Pending, std::vector<Pending>, std::greater<>> pending;
+    std::vector<std::pair<std::size_t, std::uint32_t>> blocked;  // (member, other stream's op) waited for
+
+    // When member m may start op i (its stream free, its dependencies ended); nullopt if one has not.
+    auto ready_at = [&](std::size_t m, std::uint32_t i, double free) -> std::optional<double> {
+      double t = free;
+      for (auto d : prog.deps_of(prog.ops[i])) {
+        if (in_unit(prog.ops[d].stream) ? !resolved[m][d] : !state(m).done[d]) {
+          if (!in_unit(prog.ops[d].stream)) blocked.emplace_back(m, d);
+          return std::nullopt;
+        }
+        t = std::max(t, state(m).timing[d].end);
+      }
+      return t;
+    };
+    auto resolve = [&](std::size_t m, std::uint32_t i, double start, double end) {
+      state(m).timing[i] = {start, end};
+      resolved[m][i] = 1;
+      if (outside[i]) pending.emplace(end, m, i);
+    };
+    auto advance = [&] {
+      for (bool progress = true; progress;) {
+        progress = false;
+        blocked.clear();
+        for (std::size_t s = 0; s < 2; ++s) {
+          for (std::size_t m = 0; m < M; ++m)
+            while (cursor[m][s] < ops[s].size() && !is_comm(prog.ops[ops[s][cursor[m][s]]].kind)) {
+              const std::uint32_t i = ops[s][cursor[m][s]];
+              const auto start = ready_at(m, i, free_at[m][s]);
+              if (!start) break;
+              const double end = *start + factor[m] * compute_cost(u.ranks[m], prog, i);
+              resolve(m, i, *start, end);
+              free_at[m][s] = end;
+              ++cursor[m][s];
+              progress = true;
+            }
+          // A collective, once every member's stream stands at it with its dependencies ended.
+          const std::size_t k = cursor[0][s];
+          if (k == ops[s].size() || !std::all_of(cursor.begin(), cursor.end(), [&](const auto& c) { return c[s] == k; })) continue;
+          const std::uint32_t i = ops[s][k];
+          std::vector<double> arrive(M);
+          bool all = true;
+          for (std::size_t m = 0; m < M && all; ++m) {
+            const auto a = ready_at(m, i, free_at[m][s]);
+            all = a.has_value();
+            if (all) arrive[m] = *a;
+          }
+          if (!all) continue;
+          const double end = *std::max_element(arrive.begin(), arrive.end()) + uncontended_seconds(group_of(u.ranks.front(), prog.ops[i]), prog.ops[i]);
+          for (std::size_t m = 0; m < M; ++m) {
+            resolve(m, i, arrive[m], end);
+            free_at[m][s] = end;
+            ++cursor[m][s];
+          }
+          progress = true;
+        }
+      }
+    };
+
+    for (;;) {
+      advance();
+      const bool finished = std::all_of(cursor.begin(), cursor.end(), [&](const auto& c) { return c[0] == ops[0].size() && c[1] == ops[1].size(); });
+      if (finished && pending.empty()) break;
+      const double next = pending.empty() ? std::numeric_limits<double>::infinity() : std::get<0>(pending.top());
+      double limit = next;
+      if (!blocked.empty()) {  // until a dependency ends or the next publication is due
+        auto any_ended = [&] {
+          return std::any_of(blocked.begin(), blocked.end(), [&](const auto& b) { return state(b.first).done[b.second] != 0; });
+        };
+        std::unique_lock lock(*u.signal.mutex);
+        u.signal.waiting = true;
+        bool ended = any_ended();
+        if (!ended && pending.empty()) {
+          u.signal.cv->wait(lock, any_ended);
+          ended = true;
+        } else if (!ended) {
+          ended = u.signal.cv->wait_until(lock, next, any_ended);
+        }
+        u.signal.waiting = false;
+        if (ended) limit = std::min(next, s4u::Engine::get_clock());
+      } else if (pending.empty()) {
+        throw Error(ErrorKind::Plan, {}, fmt::format("the programs of {} group {} deadlock", to_string(*unit_kind_), u.id));
+      } else {
+        s4u::this_actor::sleep_until(next);
+      }
+      std::vector<char> woken(M, 0);
+      while (!pending.empty() && std::get<0>(pending.top()) <= limit) {
+        const auto [t, m, i] = pending.top();
+        pending.pop();
+        state(m).done[i] = 1;
+        woken[m] = 1;
+      }
+      for (std::size_t m = 0; m < M; ++m)
+        if (woken[m]) state(m).wake();
+    }
+    for (std::size_t m = 0; m < M; ++m)
+      for (const auto& stream_ops : ops)
+        for (auto i : stream_ops) state(m).done[i] = 1;
   }
 
   void issued(RankState& st, std::uint32_t i) {
@@ -321,6 +526,10 @@ class Replay {
     return g;
   }
 
+  GroupState& group_of(int rank, const Op& op) {
+    return group_state(op.group, plan_.ranks[static_cast<std::size_t>(rank)].group[static_cast<std::size_t>(op.group)], op.stream);
+  }
+
   void send_recv(s4u::Mailbox* to, s4u::Mailbox* from, double bytes) {
     s4u::CommPtr out = to->put_async(&token, static_cast<std::uint64_t>(bytes));
     from->get<int>();
@@ -328,12 +537,69 @@ class Replay {
     ++flows_;
   }
 
+  // Closed forms on the group's slowest hop. Ring: 2(n-1) steps of S/n. Binary tree: reduce up and
+  // broadcast down, 2 ceil(log2 n) hops, each moving S from (or to) two children through one link.
+  // Hierarchical (L members on each of N nodes): reduce-scatter on the node, all-reduce of S/L
+  // across nodes among members of one local index, all-gather on the node. An all-reduce takes
+  // the algorithm chosen, or the fastest for its size.
+  struct ClosedForms {
+    double step = 0;  // one ring step
+    AllReduceAlgorithm algo = AllReduceAlgorithm::Ring;
+    double all_reduce_s = 0;
+  };
+  ClosedForms closed_forms(GroupState& g, const Op& op) const {
+    g.layout(*platform_);
+    const Path& hop = g.worst;
+    const double bytes = static_cast<double>(op.comm_bytes);
+    const int n = static_cast<int>(g.members.size());
+    ClosedForms f;
+    f.step = hop.latency_s + bytes / n / hop.bottleneck_bytes_per_s;
+    const double ring_s = 2 * (n - 1) * f.step;
+    const double fan = n > 2 ? 2.0 : 1.0;
+    const double tree_s =
+        2 * std::ceil(std::log2(static_cast<double>(n))) * (hop.latency_s + fan * bytes / hop.bottleneck_bytes_per_s);
+    const int L = g.local_size, N = g.nodes;
+    const double local_phase_s = (L - 1) * (g.local_worst.latency_s + bytes / L / g.local_worst.bottleneck_bytes_per_s);
+    const double cross_phase_s = 2 * (N - 1) * (g.cross_worst.latency_s + bytes / L / N / g.cross_worst.bottleneck_bytes_per_s);
+    const double hier_s = g.hierarchical ? 2 * local_phase_s + cross_phase_s : 0;
+    if (op.kind == OpKind::AllReduce) {
+      f.algo = all_reduce_;
+      if (f.algo == AllReduceAlgorithm::Hierarchical && !g.hierarchical) f.algo = AllReduceAlgorithm::Ring;
+      if (f.algo == AllReduceAlgorithm::Auto) {
+        f.algo = tree_s < ring_s ? AllReduceAlgorithm::Tree : AllReduceAlgorithm::Ring;
+        if (g.hierarchical && hier_s < std::min(tree_s, ring_s)) f.algo = AllReduceAlgorithm::Hierarchical;
+      }
+    }
+    f.all_reduce_s = f.algo == AllReduceAlgorithm::Tree ? tree_s : f.algo == AllReduceAlgorithm::Hierarchical ? hier_s : ring_s;
+    return f;
+  }
+
+  // A collective's time when nothing else shares its links: benchmarked when the profile has it,
+  // else its closed form.
+  double uncontended_seconds(GroupState& g, const Op& op) const {
+    const int n = static_cast<int>(g.members.size());
+    const double bytes = static_cast<double>(op.comm_bytes);
+    if (const auto measured = profile_ ? profile_->collective_seconds(op.kind, n, bytes) : std::nullopt) return *measured;
+    const ClosedForms f = closed_forms(g, op);
+    const Path& hop = g.worst;
+    switch (op.kind) {
+      case OpKind::AllReduce: return f.all_reduce_s;
+      case OpKind::ReduceScatter:
+      case OpKind::AllGather: return (n - 1) * f.step;
+      case OpKind::AllToAll: return hop.latency_s + (n - 1) * bytes / n / hop.bottleneck_bytes_per_s;
+      case OpKind::RingExchange: return hop.latency_s + bytes / hop.bottleneck_bytes_per_s;
+      default: return 0;
+    }
+  }
+
   void communicate(int rank, const Program& prog, std::uint32_t i) {
     const Op& op = prog.ops[i];
     const Topology& topo = plan_.topology;
     const double bytes = static_cast<double>(op.comm_bytes);
     if (op.kind == OpKind::Send || op.kind == OpKind::Recv) {
-      const int peer = topo.ring_neighbour(op.group, rank, op.peer);
+      const GroupState& pipe = group_of(rank, op);
+      const int n = static_cast<int>(pipe.members.size());
+      const int peer = pipe.members[static_cast<std::size_t>(((topo.group_index(op.group, rank) + op.peer) % n + n) % n)];
       const bool forward = (op.kind == OpKind::Send) == (op.peer > 0);
       const int src = op.kind == OpKind::Send ? rank : peer, dst = op.kind == OpKind::Send ? peer : rank;
       s4u::Mailbox* mb = p2p_box(src, dst, forward);
@@ -354,58 +620,22 @@ class Replay {
       }
       return;
     }
-    const int id = plan_.ranks[static_cast<std::size_t>(rank)].group[static_cast<std::size_t>(op.group)];
-    GroupState& g = group_state(op.group, id, op.stream);
+    GroupState& g = group_of(rank, op);
     const int n = static_cast<int>(g.members.size()), me = topo.group_index(op.group, rank);
     const int next = (me + 1) % n;
-    g.layout(*platform_);
+    const ClosedForms f = closed_forms(g, op);
     const Path& hop = g.worst;
-    // Closed forms on the slowest hop. Ring: 2(n-1) steps of S/n. Binary tree: reduce up and
-    // broadcast down, 2 ceil(log2 n) hops, each moving S from (or to) two children through one link.
-    // Hierarchical (L members on each of N nodes): reduce-scatter on the node, all-reduce of S/L
-    // across nodes among members of one local index, all-gather on the node.
-    const double step = hop.latency_s + bytes / n / hop.bottleneck_bytes_per_s;
-    const double ring_s = 2 * (n - 1) * step;
-    const double fan = n > 2 ? 2.0 : 1.0;
-    const double tree_s =
-        2 * std::ceil(std::log2(static_cast<double>(n))) * (hop.latency_s + fan * bytes / hop.bottleneck_bytes_per_s);
+    const AllReduceAlgorithm algo = f.algo;
     const int L = g.local_size, N = g.nodes;
-    const double local_phase_s = (L - 1) * (g.local_worst.latency_s + bytes / L / g.local_worst.bottleneck_bytes_per_s);
-    const double cross_phase_s = 2 * (N - 1) * (g.cross_worst.latency_s + bytes / L / N / g.cross_worst.bottleneck_bytes_per_s);
-    const double hier_s = g.hierarchical ? 2 * local_phase_s + cross_phase_s : 0;
-    AllReduceAlgorithm algo = AllReduceAlgorithm::Ring;
-    if (op.kind == OpKind::AllReduce) {
-      algo = all_reduce_;
-      if (algo == AllReduceAlgorithm::Hierarchical && !g.hierarchical) algo = AllReduceAlgorithm::Ring;
-      if (algo == AllReduceAlgorithm::Auto) {
-        algo = tree_s < ring_s ? AllReduceAlgorithm::Tree : AllReduceAlgorithm::Ring;
-        if (g.hierarchical && hier_s < std::min(tree_s, ring_s)) algo = AllReduceAlgorithm::Hierarchical;
-      }
-    }
-    const double all_reduce_s = algo == AllReduceAlgorithm::Tree ? tree_s : algo == AllReduceAlgorithm::Hierarchical ? hier_s : ring_s;
     if (fold_ && (op.group == GroupKind::DP || op.group == GroupKind::ExpertDP)) {  // the other replicas are folded
-      const auto measured = profile_ ? profile_->collective_seconds(op.kind, n, bytes) : std::nullopt;
-      s4u::this_actor::sleep_for(measured ? *measured : op.kind == OpKind::AllReduce ? all_reduce_s : (n - 1) * step);
+      s4u::this_actor::sleep_for(uncontended_seconds(g, op));
       return;
     }
     auto all_arrive = [&] { g.arrive(); };
     auto at = [&](int member, int box_kind) { return g.box(member, box_kind); };
     if (exclusive_[static_cast<std::size_t>(op.group)]) {
       if (!(fold_tp_ && op.group == GroupKind::TP)) all_arrive();  // folded members arrive together
-      double t = 0;
-      if (const auto measured = profile_ ? profile_->collective_seconds(op.kind, n, bytes) : std::nullopt) {
-        s4u::this_actor::sleep_for(*measured);
-        return;
-      }
-      switch (op.kind) {
-        case OpKind::AllReduce: t = all_reduce_s; break;
-        case OpKind::ReduceScatter:
-        case OpKind::AllGather: t = (n - 1) * step; break;
-        case OpKind::AllToAll: t = hop.latency_s + (n - 1) * bytes / n / hop.bottleneck_bytes_per_s; break;
-        case OpKind::RingExchange: t = hop.latency_s + bytes / hop.bottleneck_bytes_per_s; break;
-        default: break;
-      }
-      s4u::this_actor::sleep_for(t);
+      s4u::this_actor::sleep_for(uncontended_seconds(g, op));
       return;
     }
     switch (op.kind) {
@@ -496,7 +726,10 @@ class Replay {
   AllReduceAlgorithm all_reduce_;
   std::vector<RankState> ranks_;
   std::vector<std::vector<char>> watched_;  // per role: ops another stream waits for
+  std::vector<std::vector<char>> watched_outside_unit_;  // per role: ops streams outside a unit wait for
   std::array<bool, kNumGroupKinds> exclusive_{};
+  std::optional<GroupKind> unit_kind_;
+  std::vector<std::unique_ptr<Unit>> units_;
   const Platform* platform_ = nullptr;
   std::array<std::vector<GroupState>, kNumGroupKinds> groups_;
   std::unordered_map<std::int64_t, s4u::Mailbox*> p2p_boxes_;

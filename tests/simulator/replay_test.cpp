@@ -247,6 +247,35 @@ TEST(Replay, ClosedFormTensorParallelCollectivesEqualTheirFlows) {
   EXPECT_LT(fast.flows, exact.flows / 10);
 }
 
+TEST(Replay, LockstepUnitsTimeEveryOpAsOneActorPerStreamDoes) {
+  // tp8 owns each node's NVLink, so each tensor-parallel group's compute streams run as one unit;
+  // pipeline and gradient traffic stay flows. With a straggler inside one group, every op of a
+  // rank of that group and of its pipeline peer must be timed as the flow-by-flow replay times it.
+  const CompiledPlan plan = compile("llama3-8b", [](PlanSpec& p) {
+    p.tensor_model_parallel_size = 8;
+    p.sequence_parallel = true;
+    p.pipeline_model_parallel_size = 2;
+    p.data_parallel_size = 2;
+    p.seq_length = 1024;
+    p.global_batch_size = 8;
+  });
+  const ClusterSpec cluster = catalog().cluster("h100-64");
+  SimOptions units;
+  units.slowdown = {{3, 1.3}};
+  units.traced_ranks = {3, 16 + 3};
+  SimOptions flows = units;
+  flows.closed_form_exclusive_groups = false;
+  const SimResult fast = simulate(plan, cluster, units), exact = simulate(plan, cluster, flows);
+  EXPECT_NEAR(fast.iteration_s / exact.iteration_s, 1.0, 1e-5);
+  EXPECT_EQ(fast.slowest_rank / 8, exact.slowest_rank / 8);  // the straggler's group
+  ASSERT_EQ(fast.timings.size(), exact.timings.size());
+  for (std::size_t k = 0; k < fast.timings.size(); ++k)
+    for (std::size_t i = 0; i < fast.timings[k].size(); ++i) {
+      EXPECT_NEAR(fast.timings[k][i].start, exact.timings[k][i].start, 1e-5 * exact.iteration_s) << "rank " << units.traced_ranks[k] << " op " << i;
+      EXPECT_NEAR(fast.timings[k][i].end, exact.timings[k][i].end, 1e-5 * exact.iteration_s) << "rank " << units.traced_ranks[k] << " op " << i;
+    }
+}
+
 TEST(Replay, OneStragglerSlowsTheWholeDataParallelJob) {
   const CompiledPlan plan = compile("gpt2-124m", [](PlanSpec& p) {
     p.data_parallel_size = 8;
