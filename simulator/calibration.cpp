@@ -45,6 +45,10 @@ std::pair<int, nlohmann::json> read_trace(const CompiledPlan& plan, const std::f
   return {rank, std::move(trace)};
 }
 
+// A trace of one rank run alone (parallax train --emulate-rank): compute times real, comm ops
+// stand-ins whose times are local copies, and its iteration span not the plan's iteration.
+bool is_emulated(const nlohmann::json& trace) { return trace.contains("parallax") && trace["parallax"].contains("emulated_rank"); }
+
 // The op an event times, or null for events that time no op; throws when the op is not the plan's.
 const Op* op_of_event(const Program& prog, const nlohmann::json& e, const std::filesystem::path& file, std::size_t& id) {
   if (e.value("ph", "") != "X" || !e.contains("args") || !e["args"].contains("op id")) return nullptr;
@@ -63,6 +67,10 @@ std::vector<std::vector<double>> recorded_op_seconds(const CompiledPlan& plan, c
   std::vector<std::string> file_of(static_cast<std::size_t>(world));
   for (const auto& file : traces) {
     const auto [rank, trace] = read_trace(plan, file);
+    if (is_emulated(trace))
+      throw Error(ErrorKind::Usage, {file.string()},
+                  fmt::format("the trace is of rank {} emulated alone (its comm ops were stand-ins): a verbatim replay needs a real run of every rank", rank),
+                  "calibrate a profile from emulated traces (parallax calibrate) and simulate with --profile");
     const Program& prog = plan.program_of(rank);
     auto& per_op = samples[static_cast<std::size_t>(rank)];
     per_op.resize(prog.ops.size());
@@ -98,9 +106,11 @@ void CalibrationProfile::add_traces(const CompiledPlan& plan, const std::vector<
   for (const auto& file : traces) {
     const auto [rank, trace] = read_trace(plan, file);
     const Program& prog = plan.program_of(rank);
+    const bool emulated = is_emulated(trace);  // compute ops count; its iteration span does not
     std::vector<std::pair<double, double>> compute;  // (start, end) of compute-stream ops, µs
     for (const auto& e : trace["traceEvents"]) {
       if (e.value("ph", "") == "X" && e.value("cat", "") == "user_annotation" && e.contains("args") && e["args"].contains("iteration")) {
+        if (emulated) continue;
         double& span = step_span_[e["args"]["iteration"].get<int>()];
         span = std::max(span, 1e-6 * e["dur"].get<double>());
         continue;

@@ -31,6 +31,7 @@ struct TrainFlags {
   int checkpoint_every = 0, trace_iterations = 1, log_every = 1;
   double timeout_s = 60;
   bool resume = false;
+  std::optional<int> emulate_rank;  // run this rank of the plan alone, comm on stand-ins
 };
 
 struct SimulateFlags {

@@ -582,6 +582,20 @@ class StageCompiler {
     op.vector_flops = flops_factor * 5.0 * static_cast<double>(D_.b * D_.a_l * D_.S * keys);
     op.bytes_read = D_.e * D_.T * D_.qkv_cols;
     op.bytes_written = D_.e * D_.T * D_.a_l * D_.d;
+    if (!D_.flash) {
+      // Megatron's unfused path, per score element (e bytes each): forward, q k^T writes the
+      // scores, the fused scale-mask-softmax reads them and writes the probabilities, dropout reads
+      // those and writes the dropped ones and a 1-byte mask, p v reads them. Backward, do v^T
+      // writes dP, dropout's backward reads it and the mask and writes its gradient, softmax's
+      // backward reads that and the probabilities and writes dS, dq and dk read dS, dv reads p.
+      op.variant = Variant::AttentionUnfused;
+      const i64 scores = D_.b * D_.a_l * D_.S * keys;
+      const bool bwd = flops_factor > 1.5;
+      const i64 reads = bwd ? (D_.attn_dropout ? 4 * D_.e + 1 : 3 * D_.e) + 2 * D_.e : (D_.attn_dropout ? 3 * D_.e : 2 * D_.e);
+      const i64 writes = bwd ? (D_.attn_dropout ? 3 * D_.e : 2 * D_.e) : (D_.attn_dropout ? 3 * D_.e + 1 : 2 * D_.e);
+      op.bytes_read += reads * scores;
+      op.bytes_written += writes * scores;
+    }
     return op;
   }
 

@@ -156,6 +156,9 @@ enum class Variant : std::uint8_t {
   EmbeddingDropout = 36,
   AttentionResidual,
   MlpResidual,
+  // AttentionCore: scores and probabilities materialized in device memory between separate
+  // kernels (no flash kernel); the op's bytes then count that traffic.
+  AttentionUnfused = 40,
 };
 
 inline constexpr std::int32_t kNone = -1;

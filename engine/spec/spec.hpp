@@ -74,6 +74,14 @@ struct GpuSpec {
   double hbm_gib = 0;                // usable device memory, GiB
   double hbm_bandwidth_gbs = 0;      // GB/s (1e9 bytes/s)
   double nvlink_bandwidth_gbs = 0;   // GB/s per GPU per direction
+  // What the simulator's GEMM curve needs (both optional; without them GEMMs cost a flat fraction
+  // of peak): the streaming multiprocessors that run a GEMM's output tiles in waves, and one
+  // published measurement of a large dense bf16 GEMM, the rate the curve scales from.
+  int sms = 0;
+  struct GemmMeasurement {
+    double tflops = 0;        // achieved; 0: none published
+    int m = 0, n = 0, k = 0;  // at this (m x k) * (k x n) shape
+  } gemm_measured;
 };
 
 enum class FabricTopology : std::uint8_t { RailOptimizedFatTree, FatTree, Dragonfly };

@@ -48,7 +48,12 @@ constexpr std::string_view kMoERequired[] = {"num_experts", "top_k"};
 
 constexpr std::string_view kGpuKeys[] = {
     "name", "source", "peak_bf16_tflops", "peak_fp16_tflops", "peak_fp8_tflops",
+    "peak_fp32_tflops", "hbm_gib", "hbm_bandwidth_gbs", "nvlink_bandwidth_gbs", "sms", "gemm_measured"};
+// `sms` and `gemm_measured` are optional: without them the simulator costs GEMMs at a flat efficiency.
+constexpr std::string_view kGpuRequired[] = {
+    "name", "source", "peak_bf16_tflops", "peak_fp16_tflops", "peak_fp8_tflops",
     "peak_fp32_tflops", "hbm_gib", "hbm_bandwidth_gbs", "nvlink_bandwidth_gbs"};
+constexpr std::string_view kGemmMeasuredKeys[] = {"tflops", "m", "n", "k"};
 // A GPU written inline in a cluster file may leave its citation to the cluster's `source`.
 constexpr std::string_view kGpuInlineRequired[] = {
     "name", "peak_bf16_tflops", "peak_fp16_tflops", "peak_fp8_tflops", "peak_fp32_tflops",
@@ -500,12 +505,20 @@ GpuSpec gpu_from(const MapReader& r, std::span<const std::string_view> required)
   r.read("hbm_gib", g.hbm_gib);
   r.read("hbm_bandwidth_gbs", g.hbm_bandwidth_gbs);
   r.read("nvlink_bandwidth_gbs", g.nvlink_bandwidth_gbs);
+  r.read("sms", g.sms);
+  if (const auto gemm = r.sub("gemm_measured", kGemmMeasuredKeys)) {
+    gemm->require(kGemmMeasuredKeys);
+    gemm->read("tflops", g.gemm_measured.tflops);
+    gemm->read("m", g.gemm_measured.m);
+    gemm->read("n", g.gemm_measured.n);
+    gemm->read("k", g.gemm_measured.k);
+  }
   return g;
 }
 
 GpuSpec gpu_from_text(std::string_view text, const std::string& file, FieldLines& lines) {
   const YAML::Node root = load_root(text, file, "GPU");
-  return gpu_from(root_reader(root, file, kGpuKeys, lines, "GPU"), kGpuKeys);
+  return gpu_from(root_reader(root, file, kGpuKeys, lines, "GPU"), kGpuRequired);
 }
 
 ClusterSpec cluster_from(const YAML::Node& root, const std::string& file,

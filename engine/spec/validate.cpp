@@ -169,6 +169,19 @@ void validate_gpu(const GpuSpec& g, const FieldSite& site) {
   c.positive("hbm_gib", g.hbm_gib);
   c.positive("hbm_bandwidth_gbs", g.hbm_bandwidth_gbs);
   c.non_negative("nvlink_bandwidth_gbs", g.nvlink_bandwidth_gbs);  // 0: a PCIe part
+  c.at_least("sms", g.sms, 0);  // 0: unknown
+  const GpuSpec::GemmMeasurement& gm = g.gemm_measured;
+  if (gm.tflops != 0 || gm.m != 0 || gm.n != 0 || gm.k != 0) {
+    const FieldChecker mc{site.file, site.lines, site.prefix + "gemm_measured."};
+    mc.positive("tflops", gm.tflops);
+    mc.positive("m", gm.m);
+    mc.positive("n", gm.n);
+    mc.positive("k", gm.k);
+    if (gm.tflops > g.peak_bf16_tflops) {
+      mc.fail("tflops", fmt::format("{} {} exceeds the dense bf16 peak {}", mc.name("tflops"), gm.tflops, g.peak_bf16_tflops),
+              "a measurement above the dense peak is a sparsity or fp8 figure");
+    }
+  }
 }
 
 void validate_cluster(const ClusterSpec& cl) {

@@ -97,6 +97,7 @@ void ChromeTrace::add_iteration(int iteration, std::span<const OpTiming> timings
       args["In msg nelems"] = op.kind == OpKind::AllGather ? elems / topo.size(op.group) : elems;
       args["Out msg nelems"] = op.kind == OpKind::ReduceScatter ? elems / topo.size(op.group) : elems;
       if (op.peer != 0) args["peer rank"] = topo.ring_neighbour(op.group, info_.rank, op.peer);
+      if (info_.emulated) args["stand_in"] = true;
       name = fmt::format("{}:{} {}", info_.backend, to_string(op.kind), name);
     } else if (op_class(op.kind) == OpClass::Memory) {
       cat = "gpu_memcpy";
@@ -124,15 +125,20 @@ void ChromeTrace::add_iteration(int iteration, std::span<const OpTiming> timings
 }
 
 json ChromeTrace::to_json() const {
+  json parallax = {{"model", plan_.model.name},
+                   {"simulated", info_.simulated},
+                   {"pipeline_stage", plan_.ranks[static_cast<std::size_t>(info_.rank)].role},
+                   {"ops", plan_.program_of(info_.rank).ops.size()}};
+  if (info_.emulated) {
+    const auto& ops = plan_.program_of(info_.rank).ops;
+    parallax["emulated_rank"] = info_.rank;
+    parallax["stand_in_ops"] = std::count_if(ops.begin(), ops.end(), [](const Op& op) { return is_comm(op.kind); });
+  }
   return {{"schemaVersion", 1},
           {"displayTimeUnit", "ms"},
           {"distributedInfo", {{"backend", info_.backend}, {"rank", info_.rank}, {"world_size", plan_.topology.world_size()}}},
           {"deviceProperties", json::array({{{"id", info_.rank}, {"name", info_.device}}})},
-          {"parallax",
-           {{"model", plan_.model.name},
-            {"simulated", info_.simulated},
-            {"pipeline_stage", plan_.ranks[static_cast<std::size_t>(info_.rank)].role},
-            {"ops", plan_.program_of(info_.rank).ops.size()}}},
+          {"parallax", std::move(parallax)},
           {"traceEvents", events_}};
 }
 

@@ -21,6 +21,10 @@ struct TraceInfo {
   std::string backend = "nccl";  // collective library the comm events are named after: nccl, mpi
   std::string device = "cpu";    // e.g. "NVIDIA H100 80GB HBM3", or "cpu"
   bool simulated = false;
+  // Rank emulation: this rank's program ran alone with stand-in communicators
+  // (engine/comm/standin_comm.hpp). Its comm events carry "stand_in": true and the trace says
+  // "emulated_rank": their times are local copies, not communication.
+  bool emulated = false;
 };
 
 class ChromeTrace {

@@ -30,15 +30,6 @@ namespace {
 
 namespace fs = std::filesystem;
 
-std::unique_ptr<TokenSource> make_data(const TrainConfig& c) {
-  if (c.data == "synthetic") return std::make_unique<SyntheticTokens>(c.model.vocab_size, c.options.seed);
-  const fs::path file = c.data == "corpus" ? default_corpus_path(c.datasets_dir) : fs::path(c.data);
-  ByteCorpusOptions o;
-  o.seq_length = c.plan.seq_length;
-  o.seed = c.options.seed;
-  return std::make_unique<ByteCorpus>(file, o);
-}
-
 std::string fingerprint(const TrainConfig& c) {
   const std::string text = c.model.name + "|" + plan_to_json(c.plan).dump() + "|" + std::to_string(c.options.seed);
   return fmt::format("{:016x}", fnv1a(text));
@@ -144,7 +135,7 @@ TrainResult train(const TrainConfig& c, const MpiRuntime& mpi, const std::functi
   const int rank = mpi.world_rank();
   const bool root = rank == 0;
   const auto world = mpi.world();
-  const std::unique_ptr<TokenSource> data = make_data(c);
+  const std::unique_ptr<TokenSource> data = make_token_source(c);
   const std::string print = fingerprint(c);
 
   MpiGroups groups = make_mpi_groups(plan.topology, rank);

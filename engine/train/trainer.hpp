@@ -4,35 +4,15 @@
 // records the run in the results database — as failed, with the root cause, when a rank dies.
 #pragma once
 
-#include <chrono>
-#include <filesystem>
 #include <functional>
 #include <optional>
 #include <string>
 #include <vector>
 
-#include "engine/backends/cpu/cpu_backend.hpp"
 #include "engine/comm/mpi_comm.hpp"
-#include "engine/spec/spec.hpp"
+#include "engine/train/train_config.hpp"
 
 namespace px {
-
-struct TrainConfig {
-  ModelSpec model;
-  PlanSpec plan;                 // resolved, fp32
-  std::string data = "synthetic";  // "synthetic", "corpus" (datasets/corpus) or a text file
-  std::filesystem::path datasets_dir;
-  int iterations = 10;
-  cpu::TrainOptions options;
-  std::filesystem::path out_dir = "parallax-run";  // traces, checkpoints, heartbeats
-  std::optional<std::filesystem::path> results_db;
-  std::string experiment = "train";
-  int checkpoint_every = 0;      // iterations between checkpoints; 0: only after the last
-  bool resume = false;           // continue from out_dir's latest committed checkpoint
-  int trace_iterations = 1;      // the last N iterations go into each rank's trace
-  std::chrono::milliseconds comm_timeout{60000};
-  int log_every = 1;
-};
 
 struct IterationLog {
   int iteration = 0;

@@ -317,6 +317,33 @@ double stage0_bubble(const CompiledPlan& plan) {
   return 1.0 - r.compute_busy[0] / r.makespan;
 }
 
+TEST(AttentionTraffic, UnfusedAttentionCountsItsScorePassesAndFlashDoesNot) {
+  // Per score element of e bytes, with attention dropout: forward 3e read and 3e + 1 written (scores,
+  // probabilities, dropped probabilities and the mask), backward 6e + 1 read and 3e written.
+  const ModelSpec m = test::model("gpt2-124m");
+  ASSERT_GT(m.attention_dropout, 0);
+  for (const bool flash : {true, false}) {
+    const PlanSpec p = test::plan_for(m, [&](PlanSpec& s) {
+      s.use_flash_attn = flash;
+      s.seq_length = 128;
+      batch(s, 2, 2);
+    });
+    const CompiledPlan plan = compile_plan(m, p);
+    const std::int64_t scores = 2 * m.num_attention_heads * 128 * 128, e = 2;
+    int seen = 0;
+    for (const Op& op : plan.roles[0].ops) {
+      if (op.kind != OpKind::AttentionCore) continue;
+      ++seen;
+      const bool bwd = op.phase == Phase::Backward;
+      const std::int64_t io_read = e * 2 * 128 * 3 * m.hidden_size, io_written = e * 2 * 128 * m.hidden_size;
+      EXPECT_EQ(op.variant, flash ? Variant::Plain : Variant::AttentionUnfused);
+      EXPECT_EQ(op.bytes_read, io_read + (flash ? 0 : (bwd ? 6 * e + 1 : 3 * e) * scores));
+      EXPECT_EQ(op.bytes_written, io_written + (flash ? 0 : (bwd ? 3 * e : 3 * e + 1) * scores));
+    }
+    EXPECT_EQ(seen, 2 * m.num_layers);
+  }
+}
+
 TEST(PipelineBubble, OneFOneBMatchesClosedForm) {
   for (int p : {2, 4}) {
     for (int m : {4, 8, 12}) {
