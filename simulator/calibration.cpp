@@ -17,6 +17,12 @@ double median(std::vector<double> v) {
   return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
 }
 
+double mean(const std::vector<double>& v) {
+  double sum = 0;
+  for (double x : v) sum += x;
+  return sum / static_cast<double>(v.size());
+}
+
 }  // namespace
 
 std::string op_signature(const Op& op) {
@@ -181,7 +187,7 @@ double CalibrationProfile::measured_iteration_s() const {
   if (iteration_) return *iteration_;
   std::vector<double> v;
   for (const auto& [it, span] : step_span_) v.push_back(span);
-  return v.empty() ? 0.0 : median(v);
+  return v.empty() ? 0.0 : mean(v);
 }
 
 double CalibrationProfile::dispatch_gap_s() const {
@@ -193,10 +199,13 @@ void CalibrationProfile::finalize() const {
   if (!dirty_) return;
   fitted_.clear();
   for (const auto& [sig, v] : samples_) {
-    const double m = median(v);
+    // Means, not medians: the ops of a signature differ by where they run (a cold cache after a
+    // long op, a tensor's first touch), and only means add up, so a replay of the traced plan
+    // costs each signature's ops what they took together.
+    const double m = mean(v);
     std::vector<double> dev;
     for (double x : v) dev.push_back(std::abs(x - m));
-    fitted_[sig] = {m, m > 0 ? median(dev) / m : 0.0, static_cast<std::int64_t>(v.size())};
+    fitted_[sig] = {m, m > 0 ? mean(dev) / m : 0.0, static_cast<std::int64_t>(v.size())};
   }
   dirty_ = false;
 }

@@ -19,8 +19,8 @@ namespace px::sim {
 std::string op_signature(const Op& op);
 
 struct MeasuredCost {
-  double seconds = 0;   // median of the samples
-  double spread = 0;    // median absolute deviation / median: the fit residual of a lookup
+  double seconds = 0;   // mean of the samples
+  double spread = 0;    // mean absolute deviation / mean: the fit residual of a lookup
   std::int64_t samples = 0;
 };
 
@@ -50,8 +50,8 @@ class CalibrationProfile {
   // The host's time between two back-to-back ops of a stream (the median gap between consecutive
   // compute ops of the traces): the engine's dispatch cost, as a kernel launch is a GPU's.
   double dispatch_gap_s() const;
-  // The traced run's iteration time: per iteration the slowest rank's span (ProfilerStep), median
-  // over iterations; 0 when unknown. What a replay of the same plan with this profile predicts.
+  // The traced run's iteration time: per iteration the slowest rank's span (ProfilerStep), mean
+  // over iterations (as op costs are means); 0 when unknown. What a replay of the same plan with this profile predicts.
   double measured_iteration_s() const;
 
   nlohmann::json to_json() const;

@@ -67,6 +67,19 @@ struct RankState {
   };
   std::vector<Waiter> waiting, resuming;
   UnitSignal* unit = nullptr;  // the lockstep unit running this rank's compute streams
+  // In-order issue: the ops the host thread runs back to back now, run_first..run_last in program
+  // order, until run_end. Between two of them it tests its posted communication, and only then
+  // (or while it waits) does MPI move that communication on.
+  std::uint32_t run_first = 0, run_last = 0;
+  double run_end = -1;
+
+  // The first moment at or after t when the host thread can progress communication.
+  double next_progress(double t) const {
+    if (run_end <= t) return t;
+    for (std::uint32_t i = run_first; i <= run_last; ++i)
+      if (timing[i].end >= t) return timing[i].end;
+    return run_end;
+  }
 
   void wait_done(std::uint32_t op) { wait(op, false); }
   void wait_issue(std::uint32_t op) { wait(op, true); }
@@ -335,6 +348,7 @@ class Replay {
         st.timing[i].start = start;
         if (in_order_) issued(st, i);
         communicate(rank, prog, i);
+        if (in_order_) await_progress(rank, prog.ops[i]);
         st.timing[i].end = s4u::Engine::get_clock();
         finish(st, i);
         ++k;
@@ -351,6 +365,11 @@ class Replay {
         st.timing[ops[q]].start = t;
         t += factor * compute_cost(rank, prog, ops[q]);
         st.timing[ops[q]].end = t;
+      }
+      if (in_order_) {
+        st.run_first = ops[k];
+        st.run_last = ops[last];
+        st.run_end = t;
       }
       s4u::this_actor::sleep_until(t);
       for (std::size_t q = k; q <= last; ++q) st.done[ops[q]] = 1;
@@ -494,6 +513,28 @@ class Replay {
         for (auto i : stream_ops) state(m).done[i] = 1;
   }
 
+  // The CPU engine's MPI progresses a posted operation only inside MPI calls: the tests between
+  // two ops of the host thread, or a wait. Data that has arrived completes at each participant's
+  // next such call, so an operation ends when the last participant's host gets to one.
+  void await_progress(int rank, const Op& op) {
+    const double now = s4u::Engine::get_clock();
+    double until = now;
+    auto at = [&](int r) { until = std::max(until, ranks_[static_cast<std::size_t>(r)].next_progress(now)); };
+    if (op.kind == OpKind::Send || op.kind == OpKind::Recv) {
+      at(rank);
+      at(pipe_peer(rank, op));
+    } else {
+      for (int r : group_of(rank, op).members) at(r);
+    }
+    if (until > now) s4u::this_actor::sleep_until(until);
+  }
+
+  int pipe_peer(int rank, const Op& op) {
+    const GroupState& pipe = group_of(rank, op);
+    const int n = static_cast<int>(pipe.members.size());
+    return pipe.members[static_cast<std::size_t>(((plan_.topology.group_index(op.group, rank) + op.peer) % n + n) % n)];
+  }
+
   void issued(RankState& st, std::uint32_t i) {
     st.issue = i + 1;
     st.wake();
@@ -597,9 +638,7 @@ class Replay {
     const Topology& topo = plan_.topology;
     const double bytes = static_cast<double>(op.comm_bytes);
     if (op.kind == OpKind::Send || op.kind == OpKind::Recv) {
-      const GroupState& pipe = group_of(rank, op);
-      const int n = static_cast<int>(pipe.members.size());
-      const int peer = pipe.members[static_cast<std::size_t>(((topo.group_index(op.group, rank) + op.peer) % n + n) % n)];
+      const int peer = pipe_peer(rank, op);
       const bool forward = (op.kind == OpKind::Send) == (op.peer > 0);
       const int src = op.kind == OpKind::Send ? rank : peer, dst = op.kind == OpKind::Send ? peer : rank;
       s4u::Mailbox* mb = p2p_box(src, dst, forward);

@@ -1,6 +1,6 @@
 // Calibration from the engine's traces: a profile built from Kineto traces of a plan makes the
 // replay cost every measured op exactly as measured (the join on op signatures is exact), keeps
-// medians and spreads per signature, survives a round trip through its file, and refuses traces
+// means and spreads per signature, survives a round trip through its file, and refuses traces
 // of another plan naming the file.
 #include <gtest/gtest.h>
 
@@ -101,7 +101,7 @@ TEST(Calibration, ReplayCostsMeasuredOpsExactlyAsMeasured) {
   }
 }
 
-TEST(Calibration, MediansSpreadsAndTheirFile) {
+TEST(Calibration, MeansSpreadsAndTheirFile) {
   const CompiledPlan plan = tp2_pp2();
   const fs::path dir = fs::path(::testing::TempDir()) / ("calibration-jitter-" + std::to_string(getpid()));
   CalibrationProfile profile;

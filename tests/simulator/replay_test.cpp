@@ -190,6 +190,45 @@ TEST(Replay, PipelineOfKnownStageTimesHasTheOneFOneBBubble) {
   EXPECT_GT(r.breakdown.bubble_s, 0.0);
 }
 
+TEST(Replay, InOrderIssueProgressesCommunicationOnlyBetweenTheHostsOps) {
+  // Each of two data-parallel ranks posts a small all-reduce, runs a compute op, then one that
+  // needs the all-reduce. Rank 0's first op is five times slower. GPU-style streams finish the
+  // all-reduce at once, so rank 1 ends after 2 c; under in-order issue (the CPU engine's MPI) it
+  // completes only when rank 0's host next tests it, after 5 c, so rank 1 ends at 6 c.
+  CompiledPlan plan = compile("tiny-gpt", [](PlanSpec& p) {
+    p.data_parallel_size = 2;
+    p.global_batch_size = 2;
+  });
+  for (Program& prog : plan.roles) {
+    Program p;
+    p.pp_stage = prog.pp_stage;
+    p.names = {"op"};
+    Op reduce;
+    reduce.kind = OpKind::AllReduce;
+    reduce.group = GroupKind::DP;
+    reduce.stream = Stream::DataComm;
+    reduce.comm_bytes = 1024;
+    Op compute;
+    compute.kind = OpKind::Gemm;
+    compute.layer = 0;
+    Op after = compute;
+    p.deps = {0};
+    after.deps_begin = 0;
+    after.deps_end = 1;
+    p.ops = {reduce, compute, after};
+    prog = std::move(p);
+  }
+  const double c = 1e-3;
+  SimOptions o;
+  o.op_cost = [c](const Program&, const Op&) { return c; };
+  o.slowdown = {{0, 5.0}};
+  SimOptions cpu = o;
+  cpu.in_order_issue = true;
+  // Rank 1's second op waits for the all-reduce; rank 0's factor slows its own ops only.
+  EXPECT_NEAR(simulate(plan, h100_node(), o).rank_end_s[1], 2 * c, 0.01 * c);
+  EXPECT_NEAR(simulate(plan, h100_node(), cpu).rank_end_s[1], 6 * c, 0.01 * c);
+}
+
 TEST(Replay, SameInputsGiveBitIdenticalOutput) {
   const CompiledPlan plan = compile("tiny-moe", [](PlanSpec& p) {
     p.tensor_model_parallel_size = 2;
