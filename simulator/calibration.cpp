@@ -25,9 +25,16 @@ double mean(const std::vector<double>& v) {
 
 }  // namespace
 
-std::string op_signature(const Op& op) {
-  return fmt::format("{}/{}/{}x{}x{}x{}/{}/r{}w{}", to_string(op.kind), static_cast<int>(op.variant), op.m, op.n, op.k, op.batch,
-                     to_string(op.dtype), op.bytes_read, op.bytes_written);
+OpContext op_context(const CompiledPlan& plan, int rank) { return {plan.topology.coord(rank).cp, plan.plan.cp()}; }
+
+std::string op_signature(const Op& op, OpContext where) {
+  std::string s = fmt::format("{}/{}/{}x{}x{}x{}/{}/r{}w{}", to_string(op.kind), static_cast<int>(op.variant), op.m, op.n, op.k,
+                              op.batch, to_string(op.dtype), op.bytes_read, op.bytes_written);
+  if (op.kind == OpKind::AttentionCore && where.cp > 1) {
+    const int keys = ((where.cp_index - op.step) % where.cp + where.cp) % where.cp;  // whose block this step sees
+    s += keys == where.cp_index ? "/diagonal" : keys < where.cp_index ? "/past" : "/future";
+  }
+  return s;
 }
 
 void CalibrationProfile::add(const std::string& signature, double seconds) {
@@ -125,7 +132,7 @@ void CalibrationProfile::add_traces(const CompiledPlan& plan, const std::vector<
       const Op* found = op_of_event(prog, e, file, id);
       if (!found || is_comm(found->kind)) continue;  // communication is simulated as flows
       const Op& op = *found;
-      add(op_signature(op), e["dur"].get<double>() * 1e-6);
+      add(op_signature(op, op_context(plan, rank)), e["dur"].get<double>() * 1e-6);
       if (op.stream == Stream::Compute) compute.emplace_back(e["ts"].get<double>(), e["ts"].get<double>() + e["dur"].get<double>());
     }
     std::sort(compute.begin(), compute.end());
@@ -210,9 +217,9 @@ void CalibrationProfile::finalize() const {
   dirty_ = false;
 }
 
-std::optional<MeasuredCost> CalibrationProfile::lookup(const Op& op) const {
+std::optional<MeasuredCost> CalibrationProfile::lookup(const Op& op, OpContext where) const {
   finalize();
-  auto it = fitted_.find(op_signature(op));
+  auto it = fitted_.find(op_signature(op, where));
   if (it == fitted_.end()) return std::nullopt;
   return it->second;
 }

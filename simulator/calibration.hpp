@@ -15,8 +15,19 @@
 
 namespace px::sim {
 
-// "gemm/2/2048x1536x512x1/bf16/r0w0" — the same string for the same work, whichever rank or layer.
-std::string op_signature(const Op& op);
+// Where a rank runs an op, as far as the op's cost depends on it: under context parallelism a
+// causal ring step's key block lies before the rank's queries (every key visible), on them (the
+// diagonal) or after them (every key masked, nearly free), so one op of the shared program costs
+// from nothing to its whole work depending on the rank.
+struct OpContext {
+  int cp_index = 0;
+  int cp = 1;
+};
+OpContext op_context(const CompiledPlan& plan, int rank);
+
+// "gemm/2/2048x1536x512x1/bf16/r0w0" — the same string for the same work, whichever rank or layer
+// (an attention ring step's also names its key block: "/past", "/diagonal", "/future").
+std::string op_signature(const Op& op, OpContext where = {});
 
 struct MeasuredCost {
   double seconds = 0;   // mean of the samples
@@ -45,7 +56,7 @@ class CalibrationProfile {
   // largest at its bandwidth; none when that collective and group size were not benchmarked.
   std::optional<double> collective_seconds(OpKind kind, int ranks, double bytes) const;
 
-  std::optional<MeasuredCost> lookup(const Op& op) const;
+  std::optional<MeasuredCost> lookup(const Op& op, OpContext where = {}) const;
   std::size_t size() const { return samples_.size(); }
   // The host's time between two back-to-back ops of a stream (the median gap between consecutive
   // compute ops of the traces): the engine's dispatch cost, as a kernel launch is a GPU's.

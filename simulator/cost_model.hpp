@@ -69,7 +69,7 @@ class CostModel {
   // `profile`, when given, costs every op it has measured; the models above cost the rest.
   CostModel(const GpuSpec& gpu, const NodeSpec& node, CostModelOptions options = {}, const CalibrationProfile* profile = nullptr);
   // A compute or memory op (comm ops are simulated as flows, not costed here).
-  OpCost cost(const Op& op) const;
+  OpCost cost(const Op& op, OpContext where = {}) const;
 
   // The GEMM curve's fraction of dense bf16 peak for `batch` (m x k)(k x n) GEMMs (one kernel, the
   // tiles of all of them sharing the waves): the asymptote times tile quantization, wave

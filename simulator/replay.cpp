@@ -328,7 +328,7 @@ class Replay {
  private:
   double compute_cost(int rank, const Program& prog, std::uint32_t i) const {
     if (!recorded_.empty()) return recorded_[static_cast<std::size_t>(rank)][i];
-    return op_cost_ ? op_cost_(prog, prog.ops[i]) : cost_.cost(prog.ops[i]).seconds;
+    return op_cost_ ? op_cost_(prog, prog.ops[i]) : cost_.cost(prog.ops[i], op_context(plan_, rank)).seconds;
   }
 
   // Consecutive compute ops of a stream that nothing else waits on run back to back, so they take
@@ -834,7 +834,7 @@ SimResult run_replay(const CompiledPlan& plan, const ClusterSpec& cluster, const
     double all = 0, measured = 0, spread = 0;
     for (const Op& op : plan.program_of(r.slowest_rank).ops) {
       if (op.stream != Stream::Compute || is_comm(op.kind)) continue;
-      const OpCost c = costs.cost(op);
+      const OpCost c = costs.cost(op, op_context(plan, r.slowest_rank));
       all += c.seconds;
       if (c.model == "measured") {
         measured += c.seconds;

@@ -157,5 +157,27 @@ TEST(Calibration, TracesOfAnotherPlanAreRefusedNamingTheFile) {
   EXPECT_THROW(profile.add_traces(plan, {dir / "broken.json"}), Error);
 }
 
+TEST(Calibration, ARingStepsAttentionIsKeyedByWhereItsKeysLieAgainstItsQueries) {
+  // Contiguous context-parallel blocks under causal masking: at step s member i sees the keys of
+  // member (i - s) mod cp, all visible when earlier, the diagonal at step 0, all masked when later.
+  Op att;
+  att.kind = OpKind::AttentionCore;
+  att.step = 1;
+  EXPECT_NE(op_signature(att, {0, 2}), op_signature(att, {1, 2}));
+  EXPECT_TRUE(op_signature(att, {0, 2}).ends_with("/future"));
+  EXPECT_TRUE(op_signature(att, {1, 2}).ends_with("/past"));
+  att.step = 0;
+  EXPECT_TRUE(op_signature(att, {1, 2}).ends_with("/diagonal"));
+  EXPECT_EQ(op_signature(att), op_signature(att, {0, 1}));  // no ring, nothing to tell apart
+  Op gemm;
+  EXPECT_EQ(op_signature(gemm, {0, 2}), op_signature(gemm, {1, 2}));
+  CalibrationProfile p;
+  att.step = 1;
+  p.add(op_signature(att, {0, 2}), 1e-6);
+  p.add(op_signature(att, {1, 2}), 9e-6);
+  EXPECT_DOUBLE_EQ(p.lookup(att, {0, 2})->seconds, 1e-6);
+  EXPECT_DOUBLE_EQ(p.lookup(att, {1, 2})->seconds, 9e-6);
+}
+
 }  // namespace
 }  // namespace px::sim
