@@ -28,8 +28,9 @@ double mean(const std::vector<double>& v) {
 OpContext op_context(const CompiledPlan& plan, int rank) { return {plan.topology.coord(rank).cp, plan.plan.cp()}; }
 
 std::string op_signature(const Op& op, OpContext where) {
-  std::string s = fmt::format("{}/{}/{}x{}x{}x{}/{}/r{}w{}", to_string(op.kind), static_cast<int>(op.variant), op.m, op.n, op.k,
-                              op.batch, to_string(op.dtype), op.bytes_read, op.bytes_written);
+  // The FLOPs too: an attention's forward and backward share shapes and bytes, not work.
+  std::string s = fmt::format("{}/{}/{}x{}x{}x{}/{}/r{}w{}/f{:.0f}", to_string(op.kind), static_cast<int>(op.variant), op.m, op.n,
+                              op.k, op.batch, to_string(op.dtype), op.bytes_read, op.bytes_written, op.flops + op.vector_flops);
   if (op.kind == OpKind::AttentionCore && where.cp > 1) {
     const int keys = ((where.cp_index - op.step) % where.cp + where.cp) % where.cp;  // whose block this step sees
     s += keys == where.cp_index ? "/diagonal" : keys < where.cp_index ? "/past" : "/future";

@@ -25,7 +25,7 @@ struct OpContext {
 };
 OpContext op_context(const CompiledPlan& plan, int rank);
 
-// "gemm/2/2048x1536x512x1/bf16/r0w0" — the same string for the same work, whichever rank or layer
+// "gemm/2/2048x1536x512x1/bf16/r0w0/f3221225472" — the same string for the same work, whichever rank or layer
 // (an attention ring step's also names its key block: "/past", "/diagonal", "/future").
 std::string op_signature(const Op& op, OpContext where = {});
 
