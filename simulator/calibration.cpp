@@ -31,6 +31,7 @@ std::string op_signature(const Op& op, OpContext where) {
   // The FLOPs too: an attention's forward and backward share shapes and bytes, not work.
   std::string s = fmt::format("{}/{}/{}x{}x{}x{}/{}/r{}w{}/f{:.0f}", to_string(op.kind), static_cast<int>(op.variant), op.m, op.n,
                               op.k, op.batch, to_string(op.dtype), op.bytes_read, op.bytes_written, op.flops + op.vector_flops);
+  if (is_comm(op.kind)) s += fmt::format("/c{}", op.comm_bytes);
   if (op.kind == OpKind::AttentionCore && where.cp > 1) {
     const int keys = ((where.cp_index - op.step) % where.cp + where.cp) % where.cp;  // whose block this step sees
     s += keys == where.cp_index ? "/diagonal" : keys < where.cp_index ? "/past" : "/future";
@@ -131,8 +132,12 @@ void CalibrationProfile::add_traces(const CompiledPlan& plan, const std::vector<
       }
       std::size_t id = 0;
       const Op* found = op_of_event(prog, e, file, id);
-      if (!found || is_comm(found->kind)) continue;  // communication is simulated as flows
+      if (!found) continue;
       const Op& op = *found;
+      if (is_comm(op.kind)) {  // simulated as flows; only the host's own share of it is measured here
+        if (!emulated && e["args"].contains("host us")) add(host_signature(op), 1e-6 * e["args"]["host us"].get<double>());
+        continue;
+      }
       add(op_signature(op, op_context(plan, rank)), e["dur"].get<double>() * 1e-6);
       if (op.stream == Stream::Compute) compute.emplace_back(e["ts"].get<double>(), e["ts"].get<double>() + e["dur"].get<double>());
     }
@@ -216,6 +221,15 @@ void CalibrationProfile::finalize() const {
     fitted_[sig] = {m, m > 0 ? mean(dev) / m : 0.0, static_cast<std::int64_t>(v.size())};
   }
   dirty_ = false;
+}
+
+std::string host_signature(const Op& op) { return "host:" + op_signature(op); }
+
+std::optional<double> CalibrationProfile::host_seconds(const Op& op) const {
+  finalize();
+  const auto it = fitted_.find(host_signature(op));
+  if (it == fitted_.end()) return std::nullopt;
+  return it->second.seconds;
 }
 
 std::optional<MeasuredCost> CalibrationProfile::lookup(const Op& op, OpContext where) const {

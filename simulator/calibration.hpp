@@ -28,6 +28,9 @@ OpContext op_context(const CompiledPlan& plan, int rank);
 // "gemm/2/2048x1536x512x1/bf16/r0w0/f3221225472" — the same string for the same work, whichever rank or layer
 // (an attention ring step's also names its key block: "/past", "/diagonal", "/future").
 std::string op_signature(const Op& op, OpContext where = {});
+// A comm op's host-thread share (packing and posting it, unpacking its result): "host:" + its
+// signature, which names its buffer size.
+std::string host_signature(const Op& op);
 
 struct MeasuredCost {
   double seconds = 0;   // mean of the samples
@@ -57,6 +60,8 @@ class CalibrationProfile {
   std::optional<double> collective_seconds(OpKind kind, int ranks, double bytes) const;
 
   std::optional<MeasuredCost> lookup(const Op& op, OpContext where = {}) const;
+  // The CPU engine's host-thread time in a comm op (the trace's "host us"), mean over samples.
+  std::optional<double> host_seconds(const Op& op) const;
   std::size_t size() const { return samples_.size(); }
   // The host's time between two back-to-back ops of a stream (the median gap between consecutive
   // compute ops of the traces): the engine's dispatch cost, as a kernel launch is a GPU's.

@@ -346,7 +346,12 @@ class Replay {
       const double start = s4u::Engine::get_clock();
       if (is_comm(op.kind)) {
         st.timing[i].start = start;
-        if (in_order_) issued(st, i);
+        if (in_order_) {
+          // The host thread packs and posts the operation (and later unpacks it) before it
+          // issues the next op.
+          if (const auto host = profile_ ? profile_->host_seconds(op) : std::nullopt) s4u::this_actor::sleep_for(*host);
+          issued(st, i);
+        }
         communicate(rank, prog, i);
         if (in_order_) await_progress(rank, prog.ops[i]);
         st.timing[i].end = s4u::Engine::get_clock();

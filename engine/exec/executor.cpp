@@ -78,6 +78,7 @@ std::vector<OpTiming> Executor::run_iteration() {
 
 std::vector<OpTiming> Executor::run_ops() {
   timings_.assign(program_.ops.size(), {});
+  host_.assign(program_.ops.size(), 0.0);
   if (heartbeat_) heartbeat_->beat(iteration_, 0, true);  // every iteration's start is on record
   // Gradients accumulate over the iteration's micro-batches, from zero.
   for (std::uint32_t t = 0; t < program_.tensors.size(); ++t)
@@ -99,6 +100,7 @@ std::vector<OpTiming> Executor::run_ops() {
     if (is_comm(op.kind)) {
       timings_[i].start = now();
       post(i);
+      host_[i] = now() - timings_[i].start;
     } else {
       timings_[i].start = now();
       backend_.run(program_, i, arena_);
@@ -158,12 +160,14 @@ void Executor::wait_overlapping(std::uint32_t index) {
 }
 
 void Executor::finish(InFlight& f) {
+  const double start = now();
   const auto& src = f.staging.back();
   for (const auto& u : f.unpack) {
     float* dst = view_of(u.use).data();
     for (std::size_t i = 0; i < u.count; ++i) dst[i] = u.accumulate ? dst[i] + src[u.from + i] : src[u.from + i];
   }
   timings_[f.op].end = now();
+  host_[f.op] += timings_[f.op].end - start;
 }
 
 std::span<float> Executor::view_of(const TensorUse& u) {

@@ -57,6 +57,9 @@ class Executor {
   const MemoryPlan& memory() const { return memory_; }
   // The highest arena byte any op has written so far: the rank's measured peak.
   std::int64_t touched_bytes() const { return touched_; }
+  // Of the last iteration, per op: the host thread's own time in a comm op (packing its staging
+  // buffer and posting it, unpacking the result), seconds; 0 for other ops.
+  std::span<const double> host_seconds() const { return host_; }
 
  private:
   struct InFlight {
@@ -90,6 +93,7 @@ class Executor {
   TensorArena arena_;
   std::vector<InFlight> in_flight_;
   std::vector<OpTiming> timings_;
+  std::vector<double> host_;
   double epoch_;
   std::filesystem::path heartbeat_dir_;
   std::optional<Heartbeat> heartbeat_;

@@ -49,7 +49,7 @@ ChromeTrace::ChromeTrace(const CompiledPlan& plan, TraceInfo info) : plan_(plan)
                        {"args", {{"name", fmt::format("stream {} {}", s + 1, to_string(static_cast<Stream>(s)))}}}});
 }
 
-void ChromeTrace::add_iteration(int iteration, std::span<const OpTiming> timings, double origin_s) {
+void ChromeTrace::add_iteration(int iteration, std::span<const OpTiming> timings, double origin_s, std::span<const double> host_s) {
   const Program& prog = plan_.program_of(info_.rank);
   const RankBinding& binding = plan_.ranks[static_cast<std::size_t>(info_.rank)];
   const Topology& topo = plan_.topology;
@@ -98,6 +98,7 @@ void ChromeTrace::add_iteration(int iteration, std::span<const OpTiming> timings
       args["Out msg nelems"] = op.kind == OpKind::ReduceScatter ? elems / topo.size(op.group) : elems;
       if (op.peer != 0) args["peer rank"] = topo.ring_neighbour(op.group, info_.rank, op.peer);
       if (info_.emulated) args["stand_in"] = true;
+      if (i < host_s.size() && host_s[i] > 0) args["host us"] = host_s[i] * 1e6;
       name = fmt::format("{}:{} {}", info_.backend, to_string(op.kind), name);
     } else if (op_class(op.kind) == OpClass::Memory) {
       cat = "gpu_memcpy";

@@ -32,8 +32,10 @@ class ChromeTrace {
   ChromeTrace(const CompiledPlan& plan, TraceInfo info);
 
   // One iteration of this rank's program; `timings` are per op, in seconds from `origin_s`
-  // (the same clock for every iteration of the trace).
-  void add_iteration(int iteration, std::span<const OpTiming> timings, double origin_s = 0.0);
+  // (the same clock for every iteration of the trace). `host_s`, when given, is each comm op's
+  // host-thread time (Executor::host_seconds), recorded as its "host us".
+  void add_iteration(int iteration, std::span<const OpTiming> timings, double origin_s = 0.0,
+                     std::span<const double> host_s = {});
 
   nlohmann::json to_json() const;
   // Writes to a temporary file beside `path`, then renames: a trace is whole or absent.

@@ -225,7 +225,7 @@ TrainResult train(const TrainConfig& c, const MpiRuntime& mpi, const std::functi
     if (root && (c.log_every > 0 && (it % c.log_every == 0 || it + 1 == c.iterations)))
       log(fmt::format("iteration {:>5}/{} | loss {:.4f} | {:.1f} ms | {:.0f} tokens/s | grad norm {:.3f}", it + 1, c.iterations, l.loss,
                       1e3 * l.seconds, static_cast<double>(batch_tokens) / l.seconds, l.grad_norm));
-    if (it + c.trace_iterations >= c.iterations) trace.add_iteration(it, timings);
+    if (it + c.trace_iterations >= c.iterations) trace.add_iteration(it, timings, 0.0, executor.host_seconds());
     last_timings = std::move(timings);
     const bool checkpoint = (c.checkpoint_every > 0 && (it + 1) % c.checkpoint_every == 0) || it + 1 == c.iterations;
     if (checkpoint) {

@@ -34,7 +34,7 @@ CompiledPlan tp2_pp2() {
 // A "measured" duration that depends on nothing but the op's signature.
 double fake_duration(const Op& op) { return 1e-4 * static_cast<double>(1 + fnv1a(op_signature(op)) % 7); }
 
-std::vector<fs::path> write_traces(const CompiledPlan& plan, const fs::path& dir, double jitter) {
+std::vector<fs::path> write_traces(const CompiledPlan& plan, const fs::path& dir, double jitter, double comm_host_s = 0) {
   fs::create_directories(dir);
   std::vector<fs::path> files;
   for (int r = 0; r < plan.topology.world_size(); ++r) {
@@ -46,8 +46,11 @@ std::vector<fs::path> write_traces(const CompiledPlan& plan, const fs::path& dir
       t[i] = {clock, clock + d};
       clock += d;
     }
+    std::vector<double> host(prog.ops.size(), 0.0);
+    for (std::size_t i = 0; i < prog.ops.size(); ++i)
+      if (is_comm(prog.ops[i].kind)) host[i] = comm_host_s;
     ChromeTrace trace(plan, {r, "mpi", "cpu", false});
-    trace.add_iteration(0, t);
+    trace.add_iteration(0, t, 0.0, host);
     files.push_back(dir / ("trace_rank" + std::to_string(r) + ".json"));
     trace.write(files.back());
   }
@@ -177,6 +180,32 @@ TEST(Calibration, ARingStepsAttentionIsKeyedByWhereItsKeysLieAgainstItsQueries) 
   p.add(op_signature(att, {1, 2}), 9e-6);
   EXPECT_DOUBLE_EQ(p.lookup(att, {0, 2})->seconds, 1e-6);
   EXPECT_DOUBLE_EQ(p.lookup(att, {1, 2})->seconds, 9e-6);
+}
+
+TEST(Calibration, TheHostsShareOfACommOpDelaysItsNextIssueInOrder) {
+  // The CPU engine's host thread packs and posts each comm op (and unpacks it) itself: a profile
+  // keeps that time per comm signature, and an in-order replay issues nothing else meanwhile.
+  const CompiledPlan plan = tp2_pp2();
+  const fs::path dir = fs::path(::testing::TempDir()) / ("calibration-host-" + std::to_string(getpid()));
+  CalibrationProfile profile;
+  profile.add_traces(plan, write_traces(plan, dir, 0.0, 7e-6));
+  const Program& prog = plan.program_of(0);
+  int checked = 0;
+  for (const Op& op : prog.ops)
+    if (is_comm(op.kind)) {
+      ASSERT_TRUE(profile.host_seconds(op)) << prog.name_of(op);
+      EXPECT_NEAR(*profile.host_seconds(op), 7e-6, 1e-12);
+    }
+  SimOptions o;
+  o.profile = profile;
+  o.in_order_issue = true;
+  const SimResult r = simulate(plan, SpecCatalog(PX_DATASETS_DIR).cluster("h100-8"), o);
+  for (std::size_t i = 0; i + 1 < prog.ops.size(); ++i)
+    if (is_comm(prog.ops[i].kind)) {
+      EXPECT_GE(r.timings[0][i + 1].start, r.timings[0][i].start + 7e-6 - 1e-12) << prog.name_of(prog.ops[i]);
+      ++checked;
+    }
+  EXPECT_GT(checked, 4);
 }
 
 }  // namespace
