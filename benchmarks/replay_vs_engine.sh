@@ -34,7 +34,7 @@ for i in "${!plans[@]}"; do
   IFS='|' read -r np model flags <<< "${plans[$i]}"
   run="$dir/run$i"
   # shellcheck disable=SC2086
-  "$mpiexec" -np "$np" --oversubscribe "$parallax" train --model "$model" $flags --iterations 14 --trace-iterations 10 \
+  "$mpiexec" -np "$np" --oversubscribe "$parallax" train --model "$model" $flags --iterations 34 --trace-iterations 30 \
     --out "$run" --log-every 1000 > "$run.log" 2>&1 || { cat "$run.log"; echo "FAIL: training run $i"; exit 1; }
   # shellcheck disable=SC2086
   "$parallax" calibrate --model "$model" $flags --traces "$run"/trace_rank*.json --comm-bench "$dir/comm.json" \
