@@ -328,7 +328,9 @@ class Replay {
  private:
   double compute_cost(int rank, const Program& prog, std::uint32_t i) const {
     if (!recorded_.empty()) return recorded_[static_cast<std::size_t>(rank)][i];
-    return op_cost_ ? op_cost_(prog, prog.ops[i]) : cost_.cost(prog.ops[i], op_context(plan_, rank)).seconds;
+    if (op_cost_) return op_cost_(prog, prog.ops[i]);
+    // Only a measured cost can depend on where the op runs (calibration.hpp).
+    return cost_.cost(prog.ops[i], profile_ ? op_context(plan_, rank) : OpContext{}).seconds;
   }
 
   // Consecutive compute ops of a stream that nothing else waits on run back to back, so they take
