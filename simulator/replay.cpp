@@ -234,6 +234,16 @@ class Replay {
       watched_.push_back(std::move(watched));
       watched_outside_unit_.push_back(std::move(outside));
     }
+    // Every rank of a role runs the same ops, which cost the same wherever they run (unless a
+    // profile tells context-parallel blocks apart, or each rank has its own recording): worked
+    // out once per role instead of once per rank, micro-batch and op.
+    if (recorded_.empty() && (!profile_ || plan.plan.cp() == 1))
+      for (const Program& p : plan.roles) {
+        std::vector<double> c(p.ops.size(), 0.0);
+        for (std::size_t i = 0; i < p.ops.size(); ++i)
+          if (!is_comm(p.ops[i].kind)) c[i] = op_cost_ ? op_cost_(p, p.ops[i]) : cost_.cost(p.ops[i]).seconds;
+        role_costs_.push_back(std::move(c));
+      }
   }
 
   // Folded: data-parallel replica 0 only, and of each tensor-parallel group only member 0 when the
@@ -328,6 +338,7 @@ class Replay {
  private:
   double compute_cost(int rank, const Program& prog, std::uint32_t i) const {
     if (!recorded_.empty()) return recorded_[static_cast<std::size_t>(rank)][i];
+    if (!role_costs_.empty()) return role_costs_[static_cast<std::size_t>(plan_.ranks[static_cast<std::size_t>(rank)].role)][i];
     if (op_cost_) return op_cost_(prog, prog.ops[i]);
     // Only a measured cost can depend on where the op runs (calibration.hpp).
     return cost_.cost(prog.ops[i], profile_ ? op_context(plan_, rank) : OpContext{}).seconds;
@@ -772,7 +783,8 @@ class Replay {
   AllReduceAlgorithm all_reduce_;
   std::vector<RankState> ranks_;
   std::vector<std::vector<char>> watched_;  // per role: ops another stream waits for
-  std::vector<std::vector<char>> watched_outside_unit_;  // per role: ops streams outside a unit wait for
+  std::vector<std::vector<char>> watched_outside_unit_;
+  std::vector<std::vector<double>> role_costs_;  // per role, per op, when no rank differs  // per role: ops streams outside a unit wait for
   std::array<bool, kNumGroupKinds> exclusive_{};
   std::optional<GroupKind> unit_kind_;
   std::vector<std::unique_ptr<Unit>> units_;
