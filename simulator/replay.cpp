@@ -42,10 +42,6 @@ void resume_all(std::vector<s4u::ActorPtr>& waiting) {
   if (waiting.empty()) waiting.swap(w);
 }
 
-// SimGrid runs one actor at a time and switches only inside its calls, so a rank's streams share
-// this state without locks; a stream that must wait suspends itself and is resumed by the stream
-// that changes what it waits for (a mutex and condition variable cost several context switches
-// per op, most of a large replay's time).
 // How a lockstep unit (below) waits for its members' other streams: on a condition variable with a
 // timeout, since it may also have a result to publish at a set time.
 struct UnitSignal {
@@ -53,6 +49,11 @@ struct UnitSignal {
   s4u::ConditionVariablePtr cv = s4u::ConditionVariable::create();
   bool waiting = false;
 };
+
+// SimGrid runs one actor at a time and switches only inside its calls, so a rank's streams share
+// this state without locks; a stream that must wait suspends itself and is resumed by the stream
+// that changes what it waits for (a mutex and condition variable cost several context switches
+// per op, most of a large replay's time).
 
 struct RankState {
   std::vector<char> done;
@@ -433,6 +434,8 @@ class Replay {
     using Pending = std::tuple<double, std::size_t, std::uint32_t>;
     std::priority_queue<Pending, std::vector<Pending>, std::greater<>> pending;
     std::vector<std::pair<std::size_t, std::uint32_t>> blocked;  // (member, other stream's op) waited for
+    std::vector<double> arrive(M);  // at the collective under consideration, per member
+    std::vector<char> woken(M, 0);  // members whose ops were just published
 
     // When member m may start op i (its stream free, its dependencies ended); nullopt if one has not.
     auto ready_at = [&](std::size_t m, std::uint32_t i, double free) -> std::optional<double> {
@@ -471,7 +474,6 @@ class Replay {
           const std::size_t k = cursor[0][s];
           if (k == ops[s].size() || !std::all_of(cursor.begin(), cursor.end(), [&](const auto& c) { return c[s] == k; })) continue;
           const std::uint32_t i = ops[s][k];
-          std::vector<double> arrive(M);
           bool all = true;
           for (std::size_t m = 0; m < M && all; ++m) {
             const auto a = ready_at(m, i, free_at[m][s]);
@@ -516,7 +518,7 @@ class Replay {
       } else {
         s4u::this_actor::sleep_until(next);
       }
-      std::vector<char> woken(M, 0);
+      std::fill(woken.begin(), woken.end(), 0);
       while (!pending.empty() && std::get<0>(pending.top()) <= limit) {
         const auto [t, m, i] = pending.top();
         pending.pop();
@@ -540,17 +542,11 @@ class Replay {
     auto at = [&](int r) { until = std::max(until, ranks_[static_cast<std::size_t>(r)].next_progress(now)); };
     if (op.kind == OpKind::Send || op.kind == OpKind::Recv) {
       at(rank);
-      at(pipe_peer(rank, op));
+      at(plan_.topology.ring_neighbour(op.group, rank, op.peer));
     } else {
       for (int r : group_of(rank, op).members) at(r);
     }
     if (until > now) s4u::this_actor::sleep_until(until);
-  }
-
-  int pipe_peer(int rank, const Op& op) {
-    const GroupState& pipe = group_of(rank, op);
-    const int n = static_cast<int>(pipe.members.size());
-    return pipe.members[static_cast<std::size_t>(((plan_.topology.group_index(op.group, rank) + op.peer) % n + n) % n)];
   }
 
   void issued(RankState& st, std::uint32_t i) {
@@ -656,7 +652,7 @@ class Replay {
     const Topology& topo = plan_.topology;
     const double bytes = static_cast<double>(op.comm_bytes);
     if (op.kind == OpKind::Send || op.kind == OpKind::Recv) {
-      const int peer = pipe_peer(rank, op);
+      const int peer = plan_.topology.ring_neighbour(op.group, rank, op.peer);
       const bool forward = (op.kind == OpKind::Send) == (op.peer > 0);
       const int src = op.kind == OpKind::Send ? rank : peer, dst = op.kind == OpKind::Send ? peer : rank;
       s4u::Mailbox* mb = p2p_box(src, dst, forward);
@@ -783,8 +779,8 @@ class Replay {
   AllReduceAlgorithm all_reduce_;
   std::vector<RankState> ranks_;
   std::vector<std::vector<char>> watched_;  // per role: ops another stream waits for
-  std::vector<std::vector<char>> watched_outside_unit_;
-  std::vector<std::vector<double>> role_costs_;  // per role, per op, when no rank differs  // per role: ops streams outside a unit wait for
+  std::vector<std::vector<char>> watched_outside_unit_;  // per role: ops streams outside a unit wait for
+  std::vector<std::vector<double>> role_costs_;           // per role, per op, when no rank differs
   std::array<bool, kNumGroupKinds> exclusive_{};
   std::optional<GroupKind> unit_kind_;
   std::vector<std::unique_ptr<Unit>> units_;

@@ -85,41 +85,36 @@ int Topology::group_index(GroupKind g, int rank) const {
   return idx;
 }
 
-std::vector<int> Topology::members(GroupKind g, int group_id) const {
-  std::vector<int> out;
-  if (g == GroupKind::Embedding) {
-    const int below = world_ / dims_[kPp];
-    out = {group_id, group_id + below * (dims_[kPp] - 1)};
-    return out;
-  }
-  // Decode the fixed coordinates from the id, then enumerate the spanned ones in order.
-  std::array<int, 5> fixed{};
-  int id = group_id;
+int Topology::member(GroupKind g, int group_id, int index) const {
+  if (g == GroupKind::Embedding) return index == 0 ? group_id : group_id + world_ / dims_[kPp] * (dims_[kPp] - 1);
+  // Decode the fixed coordinates from the id and the spanned ones from the index.
+  std::array<int, 5> v{};
+  int id = group_id, rest = index;
   for (int d = 0; d < 5; ++d)
-    if (!(spans(g) & (1u << d))) {
-      fixed[d] = id % dims_[d];
+    if (spans(g) & (1u << d)) {
+      v[d] = rest % dims_[d];
+      rest /= dims_[d];
+    } else {
+      v[d] = id % dims_[d];
       id /= dims_[d];
     }
-  const int n = size(g);
-  out.reserve(n);
-  for (int i = 0; i < n; ++i) {
-    std::array<int, 5> v = fixed;
-    int rest = i;
-    for (int d = 0; d < 5; ++d)
-      if (spans(g) & (1u << d)) {
-        v[d] = rest % dims_[d];
-        rest /= dims_[d];
-      }
-    out.push_back(rank({v[kTp], v[kCp], v[kEp], v[kEdp], v[kPp]}));
-  }
+  return rank({v[kTp], v[kCp], v[kEp], v[kEdp], v[kPp]});
+}
+
+// An embedding group is the first and last stage's pair, whether or not the plan ties them.
+int Topology::ring_size(GroupKind g) const { return g == GroupKind::Embedding ? 2 : size(g); }
+
+std::vector<int> Topology::members(GroupKind g, int group_id) const {
+  const int n = ring_size(g);
+  std::vector<int> out;
+  out.reserve(static_cast<std::size_t>(n));
+  for (int i = 0; i < n; ++i) out.push_back(member(g, group_id, i));
   return out;
 }
 
 int Topology::ring_neighbour(GroupKind g, int rank, int offset) const {
-  const auto m = members(g, group_id(g, rank));
-  const int n = static_cast<int>(m.size());
-  const int idx = group_index(g, rank);
-  return m[static_cast<std::size_t>(((idx + offset) % n + n) % n)];
+  const int n = ring_size(g);
+  return member(g, group_id(g, rank), ((group_index(g, rank) + offset) % n + n) % n);
 }
 
 }  // namespace px

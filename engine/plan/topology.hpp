@@ -30,11 +30,13 @@ class Topology {
   int group_id(GroupKind g, int rank) const;       // which instance of g the rank belongs to (-1: none)
   int group_index(GroupKind g, int rank) const;    // the rank's position inside that instance
   std::vector<int> members(GroupKind g, int group_id) const;
+  int member(GroupKind g, int group_id, int index) const;  // members(g, group_id)[index]
   // The member `offset` places further round the rank's ring in group g (pipeline/CP neighbours).
   int ring_neighbour(GroupKind g, int rank, int offset) const;
 
  private:
   std::uint8_t spans(GroupKind g) const;  // bit mask over dims_
+  int ring_size(GroupKind g) const;       // entries of members(g, id)
   std::array<int, 5> dims_{};             // tp, cp, ep, dp/ep, pp
   int world_ = 1;
   bool embedding_group_ = false;
