@@ -76,10 +76,29 @@ const Op* op_of_event(const Program& prog, const nlohmann::json& e, const std::f
 
 }  // namespace
 
-std::vector<std::vector<double>> recorded_op_seconds(const CompiledPlan& plan, const std::vector<std::filesystem::path>& traces) {
-  const int world = plan.topology.world_size();
-  std::vector<std::vector<std::vector<double>>> samples(static_cast<std::size_t>(world));
-  std::vector<std::string> file_of(static_cast<std::size_t>(world));
+std::vector<RecordedIteration> recorded_iterations(const CompiledPlan& plan, const std::vector<std::filesystem::path>& traces) {
+  const std::size_t world = static_cast<std::size_t>(plan.topology.world_size());
+  std::map<int, RecordedIteration> its;
+  std::vector<std::string> file_of(world);
+  std::vector<double> gaps;
+  // Which op of which rank each iteration has timed (a trace cut short leaves some out).
+  std::map<int, std::vector<std::vector<char>>> seen;
+  auto iteration = [&](int it) -> RecordedIteration& {
+    RecordedIteration& r = its[it];
+    if (r.op_seconds.empty()) {
+      r.iteration = it;
+      r.op_seconds.resize(world);
+      r.host_seconds.resize(world);
+      seen[it].resize(world);
+      for (std::size_t k = 0; k < world; ++k) {
+        const std::size_t n = plan.program_of(static_cast<int>(k)).ops.size();
+        r.op_seconds[k].assign(n, 0.0);
+        r.host_seconds[k].assign(n, 0.0);
+        seen[it][k].assign(n, 0);
+      }
+    }
+    return r;
+  };
   for (const auto& file : traces) {
     const auto [rank, trace] = read_trace(plan, file);
     if (is_emulated(trace))
@@ -87,34 +106,55 @@ std::vector<std::vector<double>> recorded_op_seconds(const CompiledPlan& plan, c
                   fmt::format("the trace is of rank {} emulated alone (its comm ops were stand-ins): a verbatim replay needs a real run of every rank", rank),
                   "calibrate a profile from emulated traces (parallax calibrate) and simulate with --profile");
     const Program& prog = plan.program_of(rank);
-    auto& per_op = samples[static_cast<std::size_t>(rank)];
-    per_op.resize(prog.ops.size());
-    file_of[static_cast<std::size_t>(rank)] = file.string();
+    const std::size_t k = static_cast<std::size_t>(rank);
+    file_of[k] = file.string();
+    std::map<int, std::vector<std::pair<double, double>>> compute;  // per iteration, (start, end) µs
     for (const auto& e : trace["traceEvents"]) {
+      if (!e.contains("args") || !e["args"].contains("iteration")) continue;
+      const int it = e["args"]["iteration"].get<int>();
+      if (e.value("ph", "") == "X" && e.value("cat", "") == "user_annotation") {
+        double& span = iteration(it).measured_s;
+        span = std::max(span, 1e-6 * e["dur"].get<double>());
+        continue;
+      }
       std::size_t id = 0;
-      if (const Op* op = op_of_event(prog, e, file, id); op && !is_comm(op->kind)) per_op[id].push_back(1e-6 * e["dur"].get<double>());
+      const Op* op = op_of_event(prog, e, file, id);
+      if (!op) continue;
+      RecordedIteration& r = iteration(it);
+      seen[it][k][id] = 1;
+      if (is_comm(op->kind)) {
+        r.host_seconds[k][id] = 1e-6 * e["args"].value("host us", 0.0);
+        continue;
+      }
+      r.op_seconds[k][id] = 1e-6 * e["dur"].get<double>();
+      if (op->stream == Stream::Compute) compute[it].emplace_back(e["ts"].get<double>(), e["ts"].get<double>() + e["dur"].get<double>());
+    }
+    for (auto& [it, c] : compute) {
+      std::sort(c.begin(), c.end());
+      for (std::size_t i = 1; i < c.size(); ++i)
+        if (c[i].first >= c[i - 1].second) gaps.push_back(1e-6 * (c[i].first - c[i - 1].second));
     }
   }
-  std::vector<std::vector<double>> seconds(static_cast<std::size_t>(world));
-  for (int r = 0; r < world; ++r) {
-    const Program& prog = plan.program_of(r);
-    auto& per_op = samples[static_cast<std::size_t>(r)];
-    if (per_op.empty())
-      throw Error(ErrorKind::Usage, {}, fmt::format("no trace of rank {}: a verbatim replay needs every rank's trace", r),
+  for (std::size_t k = 0; k < world; ++k)
+    if (file_of[k].empty())
+      throw Error(ErrorKind::Usage, {}, fmt::format("no trace of rank {}: a verbatim replay needs every rank's trace", k),
                   "pass all the trace_rank*.json files of the run");
-    auto& out = seconds[static_cast<std::size_t>(r)];
-    out.assign(prog.ops.size(), 0.0);
-    for (std::size_t i = 0; i < prog.ops.size(); ++i) {
-      if (is_comm(prog.ops[i].kind)) continue;
-      auto& v = per_op[i];
-      if (v.empty())
-        throw Error(ErrorKind::Spec, {file_of[static_cast<std::size_t>(r)]}, fmt::format("op {} ({}) of rank {} is not in its trace", i, prog.name_of(prog.ops[i]), r),
-                    "trace the whole iteration (--trace-iterations)");
-      std::nth_element(v.begin(), v.begin() + static_cast<std::ptrdiff_t>(v.size() / 2), v.end());
-      out[i] = v[v.size() / 2];
+  const double gap = gaps.empty() ? 0.0 : median(gaps);
+  std::vector<RecordedIteration> out;
+  for (auto& [it, r] : its) {
+    for (std::size_t k = 0; k < world; ++k) {
+      const Program& prog = plan.program_of(static_cast<int>(k));
+      for (std::size_t i = 0; i < prog.ops.size(); ++i) {
+        if (!seen[it][k][i])
+          throw Error(ErrorKind::Spec, {file_of[k]},
+                      fmt::format("op {} ({}) of rank {} is not in its trace of iteration {}", i, prog.name_of(prog.ops[i]), k, it),
+                      "trace whole iterations (--trace-iterations)");
+        if (!is_comm(prog.ops[i].kind)) r.op_seconds[k][i] += gap;
+      }
     }
+    out.push_back(std::move(r));
   }
-  return seconds;
+  return out;
 }
 
 void CalibrationProfile::add_traces(const CompiledPlan& plan, const std::vector<std::filesystem::path>& traces) {

@@ -38,11 +38,24 @@ struct MeasuredCost {
   std::int64_t samples = 0;
 };
 
-// A run's own op durations, rank by rank and op by op ([rank][op id], seconds; comm ops 0): what
-// a verbatim replay of the recorded run costs each compute and memory op with. Each op takes the
-// median of its recorded iterations. Throws px::Error naming the file for a trace of another plan,
-// and naming the rank when a rank's trace is missing or lacks one of its ops.
-std::vector<std::vector<double>> recorded_op_seconds(const CompiledPlan& plan, const std::vector<std::filesystem::path>& traces);
+// One traced iteration of a run, rank by rank and op by op: what a verbatim replay of that
+// iteration costs its ops with. Replaying iterations one by one (not a median iteration) keeps
+// which rank was slow when: a delay on either rank holds up both at their next collective, and
+// medians or means per op would spread it over both.
+struct RecordedIteration {
+  int iteration = 0;
+  // [rank][op]: a compute or memory op's duration plus the host's dispatch gap before an op (the
+  // run's median gap between back-to-back compute ops, as calibration profiles cost it); comm ops 0.
+  std::vector<std::vector<double>> op_seconds;
+  // [rank][op]: the host thread's own time in a comm op (the trace's "host us"); 0 for other ops.
+  std::vector<std::vector<double>> host_seconds;
+  double measured_s = 0;  // the iteration's span on its slowest rank
+};
+
+// Every iteration that each rank's trace holds, in order. Throws px::Error naming the file for a
+// trace of another plan or of an emulated rank, and naming the rank when a rank's trace is
+// missing or lacks one of its ops.
+std::vector<RecordedIteration> recorded_iterations(const CompiledPlan& plan, const std::vector<std::filesystem::path>& traces);
 
 class CalibrationProfile {
  public:

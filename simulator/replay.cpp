@@ -218,6 +218,7 @@ class Replay {
         cost_(cluster.gpu, cluster.node, options.cost, options.profile ? &*options.profile : nullptr),
         op_cost_(options.op_cost),
         recorded_(options.recorded),
+        recorded_host_(options.recorded_host),
         slowdown_(options.slowdown),
         closed_form_(options.closed_form_exclusive_groups),
         in_order_(options.in_order_issue),
@@ -361,9 +362,12 @@ class Replay {
       if (is_comm(op.kind)) {
         st.timing[i].start = start;
         if (in_order_) {
-          // The host thread packs and posts the operation (and later unpacks it) before it
-          // issues the next op.
-          if (const auto host = profile_ ? profile_->host_seconds(op) : std::nullopt) s4u::this_actor::sleep_for(*host);
+          // The host thread packs and posts the operation, moves it on in its tests between
+          // later ops and unpacks it: time it spends before it issues the next op.
+          if (!recorded_host_.empty())
+            s4u::this_actor::sleep_for(recorded_host_[static_cast<std::size_t>(rank)][i]);
+          else if (const auto host = profile_ ? profile_->host_seconds(op) : std::nullopt)
+            s4u::this_actor::sleep_for(*host);
           issued(st, i);
         }
         communicate(rank, prog, i);
@@ -770,6 +774,7 @@ class Replay {
   CostModel cost_;
   std::function<double(const Program&, const Op&)> op_cost_;
   const std::vector<std::vector<double>>& recorded_;
+  const std::vector<std::vector<double>>& recorded_host_;
   std::map<int, double> slowdown_;
   bool closed_form_;
   bool in_order_;
@@ -813,8 +818,9 @@ Breakdown breakdown(const Program& prog, const std::vector<OpTiming>& t, double 
 }
 
 SimResult run_replay(const CompiledPlan& plan, const ClusterSpec& cluster, const SimOptions& options) {
-  if (!options.recorded.empty() && options.recorded.size() != static_cast<std::size_t>(plan.topology.world_size()))
-    throw Error(ErrorKind::Usage, {}, fmt::format("recorded costs of {} ranks for a plan of {}", options.recorded.size(), plan.topology.world_size()));
+  const auto world = static_cast<std::size_t>(plan.topology.world_size());
+  if ((!options.recorded.empty() && options.recorded.size() != world) || (!options.recorded_host.empty() && options.recorded_host.size() != world))
+    throw Error(ErrorKind::Usage, {}, fmt::format("recorded costs of {} ranks for a plan of {}", options.recorded.size(), world));
   if (options.fold_data_parallel && (plan.plan.cp() > 1 || plan.plan.ep() > 1))
     throw Error(ErrorKind::Usage, {}, "folded replay needs cp 1 and ep 1 (their groups cross replicas)", "replay unfolded");
   // Tens of thousands of actors: no guard page per stack (each is one more memory mapping, and

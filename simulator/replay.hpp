@@ -51,9 +51,11 @@ struct SimOptions {
   // form (the group alone on its nodes' NVLink) and no rank is slowed, only tensor-parallel
   // member 0 runs too: its peers' programs and times are the same. Needs cp = ep = 1.
   bool fold_data_parallel = false;
-  // Verbatim replay of a recorded run at its own scale: every compute and memory op of every rank
-  // costs its own recorded duration ([rank][op], recorded_op_seconds in calibration.hpp).
+  // Verbatim replay of a recorded iteration at its own scale (recorded_iterations in
+  // calibration.hpp): every compute and memory op of every rank costs its own recorded duration
+  // ([rank][op]), and with in-order issue the host thread spends each comm op's recorded time in it.
   std::vector<std::vector<double>> recorded;
+  std::vector<std::vector<double>> recorded_host;
   // Measured op costs (parallax calibrate); ops it lacks fall back to the roofline.
   std::optional<CalibrationProfile> profile;
 };

@@ -81,8 +81,6 @@ int simulate(const Options& o) {
   options.traced_ranks = o.sim.trace_ranks;
   if (!o.sim.profile.empty()) options.profile = sim::CalibrationProfile::read(o.sim.profile);
   options.in_order_issue = o.sim.in_order_issue;
-  if (!o.sim.replay_traces.empty())
-    options.recorded = sim::recorded_op_seconds(plan, std::vector<std::filesystem::path>(o.sim.replay_traces.begin(), o.sim.replay_traces.end()));
   options.fold_data_parallel = o.sim.fold;
   for (const std::string& s : o.sim.slowdown) {
     int rank = -1;
@@ -108,7 +106,39 @@ int simulate(const Options& o) {
   for (int r : options.traced_ranks)
     if (r < 0 || r >= plan.topology.world_size())
       throw Error(ErrorKind::Usage, {}, fmt::format("--trace-ranks {} is outside the plan's {} ranks", r, plan.topology.world_size()));
-  const sim::SimResult r = sim::simulate(plan, cluster, options);
+  // A verbatim replay replays each traced iteration with its own costs; the prediction is their
+  // mean, against the mean of the iterations' measured spans.
+  std::vector<sim::RecordedIteration> recorded;
+  if (!o.sim.replay_traces.empty())
+    recorded = sim::recorded_iterations(plan, std::vector<std::filesystem::path>(o.sim.replay_traces.begin(), o.sim.replay_traces.end()));
+  std::vector<double> predicted;
+  double measured = 0;
+  sim::SimResult r;
+  for (std::size_t k = 0; k < std::max<std::size_t>(1, recorded.size()); ++k) {
+    if (!recorded.empty()) {
+      options.recorded = std::move(recorded[k].op_seconds);
+      options.recorded_host = std::move(recorded[k].host_seconds);
+      measured += recorded[k].measured_s / static_cast<double>(recorded.size());
+    }
+    sim::SimResult one = sim::simulate(plan, cluster, options);
+    predicted.push_back(one.iteration_s);
+    if (k == 0) {
+      r = std::move(one);
+      continue;
+    }
+    r.iteration_s += one.iteration_s;
+    r.breakdown.compute_s += one.breakdown.compute_s;
+    r.breakdown.exposed_comm_s += one.breakdown.exposed_comm_s;
+    r.breakdown.bubble_s += one.breakdown.bubble_s;
+    r.breakdown.other_s += one.breakdown.other_s;
+  }
+  if (predicted.size() > 1) {
+    const double n = static_cast<double>(predicted.size()), first = predicted.front();
+    r.iteration_s /= n;
+    r.breakdown = {r.breakdown.compute_s / n, r.breakdown.exposed_comm_s / n, r.breakdown.bubble_s / n, r.breakdown.other_s / n};
+    r.tokens_per_s *= first / r.iteration_s;
+    r.mfu *= first / r.iteration_s;
+  }
   nlohmann::json roles = nlohmann::json::array();
   for (const Program& p : plan.roles) roles.push_back({{"stage", p.pp_stage}, {"peak_bytes", plan_memory(p).arena_bytes}});
   const std::string mfu_formula = fmt::format("model FLOPs per iteration / (iteration time x {} GPUs x {} TFLOP/s dense bf16 peak of {})",
@@ -155,6 +185,7 @@ int simulate(const Options& o) {
                                                                  : "measured (" + o.sim.profile + ") with roofline fallback"},
                         {"measured_fraction", r.measured_fraction},
                         {"profile_measured_iteration_s", options.profile ? options.profile->measured_iteration_s() : 0.0},
+                        {"recorded_iteration_s", measured},
                         {"measured_spread", r.measured_spread},
                         {"error_band", {{"relative", r.error_band},
                                         {"low_s", r.iteration_s * (1 - r.error_band)},
@@ -168,6 +199,8 @@ int simulate(const Options& o) {
                         {"peak_memory_per_role", roles},
                         {"flows_simulated", r.flows}};
     if (run_id) j["run_id"] = *run_id;
+    for (std::size_t k = 0; k < recorded.size(); ++k)
+      j["replayed_iterations"].push_back({{"iteration", recorded[k].iteration}, {"measured_s", recorded[k].measured_s}, {"predicted_s", predicted[k]}});
     std::cout << j.dump(2) << "\n";
     return 0;
   }
@@ -185,8 +218,11 @@ int simulate(const Options& o) {
     const double m = options.profile->measured_iteration_s();
     fmt::print("the profiled run measured {:.3f} ms per iteration: predicted {:+.1f}%\n", 1e3 * m, 100 * (r.iteration_s - m) / m);
   }
-  if (!options.recorded.empty())
-    fmt::print("costs: verbatim, each op as its rank recorded it ({} traces)", o.sim.replay_traces.size());
+  if (!recorded.empty())
+    fmt::print("the recorded run measured {:.3f} ms per iteration (mean of the {} replayed): predicted {:+.1f}%\n", 1e3 * measured,
+               recorded.size(), 100 * (r.iteration_s - measured) / measured);
+  if (!recorded.empty())
+    fmt::print("costs: verbatim, each op as its rank recorded it in each iteration ({} traces)", o.sim.replay_traces.size());
   else if (o.sim.profile.empty())
     fmt::print("costs: roofline (no calibration profile)");
   else

@@ -58,7 +58,8 @@ class Executor {
   // The highest arena byte any op has written so far: the rank's measured peak.
   std::int64_t touched_bytes() const { return touched_; }
   // Of the last iteration, per op: the host thread's own time in a comm op (packing its staging
-  // buffer and posting it, unpacking the result), seconds; 0 for other ops.
+  // buffer and posting it, moving it on in the tests between ops, unpacking the result),
+  // seconds; 0 for other ops.
   std::span<const double> host_seconds() const { return host_; }
 
  private:

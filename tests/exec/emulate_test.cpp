@@ -215,7 +215,7 @@ TEST(Emulate, OneEmulatedTraceCalibratesAProfileButNoVerbatimReplay) {
   // One rank alone with instant comm is not the plan's iteration.
   EXPECT_EQ(profile.measured_iteration_s(), 0.0);
   try {
-    sim::recorded_op_seconds(plan, {r.trace});
+    sim::recorded_iterations(plan, {r.trace});
     ADD_FAILURE() << "a verbatim replay accepted an emulated trace";
   } catch (const Error& e) {
     EXPECT_EQ(e.where().file, r.trace.string());

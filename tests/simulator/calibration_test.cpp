@@ -61,9 +61,18 @@ TEST(Calibration, AVerbatimReplayCostsEveryRanksOpsAsThatRankRecordedThem) {
   const CompiledPlan plan = tp2_pp2();
   const fs::path dir = fs::path(::testing::TempDir()) / ("verbatim-" + std::to_string(getpid()));
   // Jitter makes each op's duration differ from its signature's median: verbatim keeps it.
-  const std::vector<fs::path> files = write_traces(plan, dir, 0.25);
+  const double host_s = 3e-5;
+  const std::vector<fs::path> files = write_traces(plan, dir, 0.25, host_s);
+  const std::vector<RecordedIteration> its = recorded_iterations(plan, files);
+  ASSERT_EQ(its.size(), 1u);
+  EXPECT_EQ(its[0].iteration, 0);
+  for (int rank = 0; rank < plan.topology.world_size(); ++rank) {
+    const Program& prog = plan.program_of(rank);
+    for (std::size_t i = 0; i < prog.ops.size(); ++i)
+      EXPECT_NEAR(its[0].host_seconds[static_cast<std::size_t>(rank)][i], is_comm(prog.ops[i].kind) ? host_s : 0.0, 1e-12) << prog.name_of(prog.ops[i]);
+  }
   SimOptions o;
-  o.recorded = recorded_op_seconds(plan, files);
+  o.recorded = its[0].op_seconds;
   o.traced_ranks = {0, 1, 2, 3};
   const SpecCatalog cat(PX_DATASETS_DIR);
   const SimResult r = simulate(plan, cat.cluster("h100-8"), o);
@@ -77,7 +86,7 @@ TEST(Calibration, AVerbatimReplayCostsEveryRanksOpsAsThatRankRecordedThem) {
     }
   }
   // Every rank's trace is needed.
-  EXPECT_THROW(recorded_op_seconds(plan, {files[0], files[1], files[2]}), Error);
+  EXPECT_THROW(recorded_iterations(plan, {files[0], files[1], files[2]}), Error);
 }
 
 TEST(Calibration, ReplayCostsMeasuredOpsExactlyAsMeasured) {
