@@ -39,6 +39,30 @@ std::string op_signature(const Op& op, OpContext where) {
   return s;
 }
 
+std::string op_family(const Op& op, OpContext where) {
+  const std::string sig = op_signature(op, where);
+  const auto place = sig.rfind('/');
+  const bool cp_step = op.kind == OpKind::AttentionCore && where.cp > 1;
+  // A forward kernel and its backward share kind and variant but not their code.
+  const char* direction = op.phase == Phase::Forward || op.phase == Phase::Recompute ? "forward"
+                          : op.phase == Phase::Optimizer                            ? "optimizer"
+                                                                                    : "backward";
+  return fmt::format("{}/{}/{}/{}{}", to_string(op.kind), static_cast<int>(op.variant), to_string(op.dtype), direction,
+                     cp_step ? sig.substr(place) : "");
+}
+
+namespace {
+// What an op interpolated from a family measured at one size only, or at two (which cannot test
+// each other), is taken to be off by: a wide band, stated rather than measured.
+constexpr double kOneSizeResidual = 0.5;
+}  // namespace
+
+double op_work(const Op& op) {
+  if ((op.kind == OpKind::Gemm || op.kind == OpKind::AttentionCore) && op.flops > 0) return op.flops;
+  const double bytes = static_cast<double>(op.bytes_read + op.bytes_written);
+  return bytes > 0 ? bytes : op.vector_flops;
+}
+
 void CalibrationProfile::add(const std::string& signature, double seconds) {
   samples_[signature].push_back(seconds);
   dirty_ = true;
@@ -178,7 +202,9 @@ void CalibrationProfile::add_traces(const CompiledPlan& plan, const std::vector<
         if (!emulated && e["args"].contains("host us")) add(host_signature(op), 1e-6 * e["args"]["host us"].get<double>());
         continue;
       }
-      add(op_signature(op, op_context(plan, rank)), e["dur"].get<double>() * 1e-6);
+      const std::string sig = op_signature(op, op_context(plan, rank));
+      add(sig, e["dur"].get<double>() * 1e-6);
+      sized_[sig] = {op_family(op, op_context(plan, rank)), op_work(op)};
       if (op.stream == Stream::Compute) compute.emplace_back(e["ts"].get<double>(), e["ts"].get<double>() + e["dur"].get<double>());
     }
     std::sort(compute.begin(), compute.end());
@@ -260,7 +286,88 @@ void CalibrationProfile::finalize() const {
     for (double x : v) dev.push_back(std::abs(x - m));
     fitted_[sig] = {m, m > 0 ? mean(dev) / m : 0.0, static_cast<std::int64_t>(v.size())};
   }
+  fit_families();
   dirty_ = false;
+}
+
+void CalibrationProfile::fit_families() const {
+  families_.clear();
+  for (const auto& [sig, c] : fitted_) {
+    const auto z = sized_.find(sig);
+    if (z == sized_.end() || !(z->second.work > 0)) continue;
+    families_[z->second.family].points.push_back({z->second.work, c.seconds, c.spread});
+  }
+  for (auto& [name, f] : families_) {
+    auto& p = f.points;
+    std::sort(p.begin(), p.end(), [](const Point& a, const Point& b) { return a.work < b.work; });
+    // Signatures of one size (an op that differs in bytes but not FLOPs) become their mean.
+    std::vector<Point> merged;
+    for (std::size_t i = 0; i < p.size();) {
+      std::size_t j = i;
+      Point sum{p[i].work, 0, 0};
+      for (; j < p.size() && p[j].work == p[i].work; ++j) {
+        sum.seconds += p[j].seconds;
+        sum.spread += p[j].spread;
+      }
+      sum.seconds /= static_cast<double>(j - i);
+      sum.spread /= static_cast<double>(j - i);
+      merged.push_back(sum);
+      i = j;
+    }
+    p = std::move(merged);
+    if (p.size() < 2) continue;
+    double sw = 0, st = 0, sww = 0, swt = 0;
+    const double n = static_cast<double>(p.size());
+    for (const Point& q : p) {
+      sw += q.work;
+      st += q.seconds;
+      sww += q.work * q.work;
+      swt += q.work * q.seconds;
+    }
+    const double var = sww - sw * sw / n;
+    f.rate = var > 0 ? (swt - sw * st / n) / var : 0;
+    f.overhead = std::max(0.0, (st - f.rate * sw) / n);
+    if (!(f.rate > 0)) f.rate = 0;  // no trend: extrapolation scales the nearest point instead
+    double err = 0;
+    int count = 0;
+    for (const Point& q : p) {
+      if (p.size() < 3 || q.seconds <= 0) continue;
+      err += std::abs(interpolate(f, q.work, &q) - q.seconds) / q.seconds;
+      ++count;
+    }
+    f.residual = count > 0 ? err / count : kOneSizeResidual;  // two points cannot test themselves
+  }
+  // A family measured at one size keeps its measured time there and scales the rest of it with
+  // its work: the rest is what remains after the fixed per-kernel cost the other families show
+  // (their median overhead), which does not grow with size.
+  std::vector<double> overheads;
+  for (const auto& [name, f] : families_)
+    if (f.points.size() >= 2 && f.rate > 0) overheads.push_back(f.overhead);
+  const double overhead = overheads.empty() ? 0.0 : median(overheads);
+  for (auto& [name, f] : families_) {
+    if (f.points.size() != 1) continue;
+    const Point& q = f.points.front();
+    f.overhead = std::min(overhead, q.seconds);
+    f.rate = (q.seconds - f.overhead) / q.work;
+    f.residual = kOneSizeResidual;
+  }
+}
+
+double CalibrationProfile::interpolate(const Family& f, double work, const Point* skip) {
+  std::vector<const Point*> p;
+  for (const Point& q : f.points)
+    if (&q != skip) p.push_back(&q);
+  if (p.size() == 1) return f.overhead + f.rate * work;
+  if (work <= p.front()->work || work >= p.back()->work) {
+    // Beyond the measured sizes: a kernel's fixed cost plus its work at its measured rate.
+    if (f.rate > 0) return f.overhead + f.rate * work;
+    const Point* near = work <= p.front()->work ? p.front() : p.back();
+    return near->seconds * work / near->work;
+  }
+  std::size_t i = 1;
+  while (p[i]->work < work) ++i;
+  const double x = (work - p[i - 1]->work) / (p[i]->work - p[i - 1]->work);
+  return p[i - 1]->seconds + x * (p[i]->seconds - p[i - 1]->seconds);
 }
 
 std::string host_signature(const Op& op) { return "host:" + op_signature(op); }
@@ -274,15 +381,26 @@ std::optional<double> CalibrationProfile::host_seconds(const Op& op) const {
 
 std::optional<MeasuredCost> CalibrationProfile::lookup(const Op& op, OpContext where) const {
   finalize();
-  auto it = fitted_.find(op_signature(op, where));
-  if (it == fitted_.end()) return std::nullopt;
-  return it->second;
+  if (const auto it = fitted_.find(op_signature(op, where)); it != fitted_.end()) return it->second;
+  if (is_comm(op.kind)) return std::nullopt;
+  const auto f = families_.find(op_family(op, where));
+  const double work = op_work(op);
+  if (f == families_.end() || f->second.points.empty() || !(work > 0)) return std::nullopt;
+  double spread = 0;
+  for (const Point& q : f->second.points) spread += q.spread / static_cast<double>(f->second.points.size());
+  return MeasuredCost{std::max(0.0, interpolate(f->second, work)), spread + f->second.residual, 0, true};
 }
 
 nlohmann::json CalibrationProfile::to_json() const {
   finalize();
   nlohmann::json ops = nlohmann::json::object();
-  for (const auto& [sig, c] : fitted_) ops[sig] = {{"seconds", c.seconds}, {"spread", c.spread}, {"samples", c.samples}};
+  for (const auto& [sig, c] : fitted_) {
+    ops[sig] = {{"seconds", c.seconds}, {"spread", c.spread}, {"samples", c.samples}};
+    if (const auto z = sized_.find(sig); z != sized_.end()) {
+      ops[sig]["family"] = z->second.family;
+      ops[sig]["work"] = z->second.work;
+    }
+  }
   nlohmann::json coll = nlohmann::json::object();
   for (const auto& [name, by_ranks] : collectives_)
     for (const auto& [ranks, points] : by_ranks) coll[name][std::to_string(ranks)] = points;
@@ -306,7 +424,10 @@ CalibrationProfile CalibrationProfile::from_json(const nlohmann::json& j, const 
       throw Error(ErrorKind::Spec, {file}, fmt::format("op '{}' has no valid seconds", sig), "regenerate the profile");
     p.fitted_[sig] = {c["seconds"], c.value("spread", 0.0), c.value("samples", std::int64_t{1})};
     p.samples_[sig] = {c["seconds"].get<double>()};
+    if (c.contains("family") && c["family"].is_string() && c.contains("work") && c["work"].is_number())
+      p.sized_[sig] = {c["family"].get<std::string>(), c["work"].get<double>()};
   }
+  p.fit_families();
   return p;
 }
 

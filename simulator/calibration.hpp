@@ -36,7 +36,16 @@ struct MeasuredCost {
   double seconds = 0;   // mean of the samples
   double spread = 0;    // mean absolute deviation / mean: the fit residual of a lookup
   std::int64_t samples = 0;
+  // Not measured itself: interpolated from measured ops of its kind at other sizes (spread then
+  // adds the interpolation's own leave-one-out residual).
+  bool interpolated = false;
 };
+
+// Ops whose costs interpolate into each other: one kind, variant, dtype, direction (forward,
+// backward, optimizer) and (context-parallel ring steps) key-block place; and the size they scale
+// with: matmul FLOPs for GEMMs and attention, bytes moved for the others.
+std::string op_family(const Op& op, OpContext where = {});
+double op_work(const Op& op);
 
 // One traced iteration of a run, rank by rank and op by op: what a verbatim replay of that
 // iteration costs its ops with. Replaying iterations one by one (not a median iteration) keeps
@@ -72,6 +81,10 @@ class CalibrationProfile {
   // largest at its bandwidth; none when that collective and group size were not benchmarked.
   std::optional<double> collective_seconds(OpKind kind, int ranks, double bytes) const;
 
+  // The op's measured cost; for a signature never measured, interpolated over the measured sizes
+  // of its family (piecewise linear inside them, a least-squares overhead-plus-rate line beyond
+  // them; from the one size measured, its work at that size's rate beyond the per-kernel overhead
+  // other families show, with a wide band); none for a family never measured.
   std::optional<MeasuredCost> lookup(const Op& op, OpContext where = {}) const;
   // The CPU engine's host-thread time in a comm op (the trace's "host us"), mean over samples.
   std::optional<double> host_seconds(const Op& op) const;
@@ -92,13 +105,29 @@ class CalibrationProfile {
 
  private:
   void finalize() const;
+  void fit_families() const;
   std::map<std::string, std::vector<double>> samples_;
   std::vector<double> gaps_;
   std::map<std::string, std::map<int, std::vector<std::pair<double, double>>>> collectives_;  // name -> ranks -> (bytes, s)
   std::map<int, double> step_span_;  // iteration -> slowest rank's span, seconds
   std::optional<double> iteration_;  // from a profile file
   std::optional<double> gap_;  // from a profile file
+  struct Sized {
+    std::string family;
+    double work = 0;
+  };
+  std::map<std::string, Sized> sized_;  // signature -> its family and size
+  struct Point {
+    double work, seconds, spread;
+  };
+  struct Family {
+    std::vector<Point> points;  // by size, one per size
+    double overhead = 0, rate = 0;  // least-squares seconds = overhead + rate * work
+    double residual = 0;  // leave-one-out relative error of interpolating each point from the others
+  };
+  static double interpolate(const Family& f, double work, const Point* skip = nullptr);
   mutable std::map<std::string, MeasuredCost> fitted_;
+  mutable std::map<std::string, Family> families_;
   mutable bool dirty_ = false;
 };
 

@@ -96,7 +96,8 @@ double CostModel::attention_gemm_seconds(const Op& op) const {
 
 OpCost CostModel::cost(const Op& op, OpContext where) const {
   if (profile_)
-    if (const auto m = profile_->lookup(op, where)) return {profile_->dispatch_gap_s() + m->seconds, "measured", m->spread};
+    if (const auto m = profile_->lookup(op, where))
+      return {profile_->dispatch_gap_s() + m->seconds, m->interpolated ? "measured-interpolated" : "measured", m->spread};
   if (op.kind == OpKind::CopyD2H || op.kind == OpKind::CopyH2D)
     return {static_cast<double>(op.comm_bytes) / (1e9 * node_.pcie_bandwidth_gbs), "pcie"};
   const double bytes = static_cast<double>(op.bytes_read + op.bytes_written);

@@ -58,10 +58,11 @@ struct CostModelOptions {
 
 struct OpCost {
   double seconds = 0;
-  // "measured", "gemm-curve", "roofline-compute", "roofline-memory", "gemm-curve+memory" (unfused
+  // "measured", "measured-interpolated" (from other sizes of its kind), "gemm-curve", "roofline-compute", "roofline-memory", "gemm-curve+memory" (unfused
   // attention), "pcie", "host", "free"
   std::string_view model;
-  double spread = 0;       // measured: the samples' relative spread (the lookup's fit residual)
+  double spread = 0;       // measured: the samples' relative spread (the lookup's fit residual), plus
+                           // the interpolation's residual for an interpolated one
 };
 
 class CostModel {

@@ -852,17 +852,19 @@ SimResult run_replay(const CompiledPlan& plan, const ClusterSpec& cluster, const
   r.breakdown = breakdown(plan.program_of(r.slowest_rank), replay.ranks()[static_cast<std::size_t>(r.slowest_rank)].timing, r.iteration_s);
   {
     const CostModel costs(cluster.gpu, cluster.node, options.cost, options.profile ? &*options.profile : nullptr);
-    double all = 0, measured = 0, spread = 0;
+    double all = 0, measured = 0, interpolated = 0, spread = 0;
     for (const Op& op : plan.program_of(r.slowest_rank).ops) {
       if (op.stream != Stream::Compute || is_comm(op.kind)) continue;
       const OpCost c = costs.cost(op, op_context(plan, r.slowest_rank));
       all += c.seconds;
-      if (c.model == "measured") {
+      if (c.model == "measured" || c.model == "measured-interpolated") {
         measured += c.seconds;
         spread += c.seconds * c.spread;
+        if (c.model == "measured-interpolated") interpolated += c.seconds;
       }
     }
     r.measured_fraction = all > 0 ? measured / all : 0;
+    r.interpolated_fraction = all > 0 ? interpolated / all : 0;
     r.measured_spread = measured > 0 ? spread / measured : 0;
     r.error_band = all > 0 ? (spread + (all - measured) * options.cost.roofline_uncertainty) / all : 0;
     if (!options.recorded.empty()) {  // verbatim: every compute cost is the run's own
@@ -894,6 +896,7 @@ SimResult from_json(const nlohmann::json& j) {
   r.traced_ranks = j.at("traced_ranks").get<std::vector<int>>();
   r.flows = j.at("flows");
   r.measured_fraction = j.at("measured_fraction");
+  r.interpolated_fraction = j.at("interpolated_fraction");
   r.measured_spread = j.at("measured_spread");
   r.error_band = j.at("error_band");
   for (const auto& per_rank : j.at("timings")) {
@@ -926,6 +929,7 @@ nlohmann::json SimResult::to_json() const {
           {"traced_ranks", traced_ranks},
           {"flows", flows},
           {"measured_fraction", measured_fraction},
+          {"interpolated_fraction", interpolated_fraction},
           {"measured_spread", measured_spread},
           {"error_band", error_band},
           {"timings", std::move(t)}};

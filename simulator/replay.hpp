@@ -84,6 +84,8 @@ struct SimResult {
   // stated efficiencies instead).
   double measured_fraction = 0;
   double measured_spread = 0;
+  // Of that measured share, what was interpolated from other sizes of the same kind of op.
+  double interpolated_fraction = 0;
   // Relative half-width of the prediction's error band: each compute cost's own uncertainty
   // (a measured op's spread, a roofline op's stated uncertainty), weighted by its share of the
   // slowest rank's compute. Network flows are exact for their model and add none.

@@ -184,6 +184,7 @@ int simulate(const Options& o) {
                                        : o.sim.profile.empty()   ? "roofline (no calibration profile)"
                                                                  : "measured (" + o.sim.profile + ") with roofline fallback"},
                         {"measured_fraction", r.measured_fraction},
+                        {"interpolated_fraction", r.interpolated_fraction},
                         {"profile_measured_iteration_s", options.profile ? options.profile->measured_iteration_s() : 0.0},
                         {"recorded_iteration_s", measured},
                         {"measured_spread", r.measured_spread},
@@ -226,8 +227,8 @@ int simulate(const Options& o) {
   else if (o.sim.profile.empty())
     fmt::print("costs: roofline (no calibration profile)");
   else
-    fmt::print("costs: {:.1f}% of the slowest rank's compute measured ({}; spread {:.1f}%), the rest roofline", 100 * r.measured_fraction,
-               o.sim.profile, 100 * r.measured_spread);
+    fmt::print("costs: {:.1f}% of the slowest rank's compute measured ({}; {:.1f}% interpolated from other sizes; spread {:.1f}%), the rest roofline",
+               100 * r.measured_fraction, o.sim.profile, 100 * r.interpolated_fraction, 100 * r.measured_spread);
   fmt::print("; {} network flows simulated{}\n", r.flows, run_id ? fmt::format("; run {} recorded", *run_id) : std::string());
   return 0;
 #else

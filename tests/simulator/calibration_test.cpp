@@ -6,6 +6,8 @@
 
 #include <cmath>
 #include <fstream>
+#include <functional>
+#include <set>
 
 #include "engine/core/error.hpp"
 #include "engine/core/hash.hpp"
@@ -34,7 +36,8 @@ CompiledPlan tp2_pp2() {
 // A "measured" duration that depends on nothing but the op's signature.
 double fake_duration(const Op& op) { return 1e-4 * static_cast<double>(1 + fnv1a(op_signature(op)) % 7); }
 
-std::vector<fs::path> write_traces(const CompiledPlan& plan, const fs::path& dir, double jitter, double comm_host_s = 0) {
+std::vector<fs::path> write_traces(const CompiledPlan& plan, const fs::path& dir, double jitter, double comm_host_s = 0,
+                                   const std::function<double(const Op&)>& duration = fake_duration) {
   fs::create_directories(dir);
   std::vector<fs::path> files;
   for (int r = 0; r < plan.topology.world_size(); ++r) {
@@ -42,7 +45,7 @@ std::vector<fs::path> write_traces(const CompiledPlan& plan, const fs::path& dir
     std::vector<OpTiming> t(prog.ops.size());
     double clock = 0;
     for (std::size_t i = 0; i < prog.ops.size(); ++i) {
-      const double d = fake_duration(prog.ops[i]) * (1 + (i % 2 ? jitter : -jitter));
+      const double d = duration(prog.ops[i]) * (1 + (i % 2 ? jitter : -jitter));
       t[i] = {clock, clock + d};
       clock += d;
     }
@@ -127,6 +130,66 @@ TEST(Calibration, MeansSpreadsAndTheirFile) {
   profile.write(dir / "profile.json");
   const CalibrationProfile back = CalibrationProfile::read(dir / "profile.json");
   EXPECT_EQ(back.to_json().dump(), profile.to_json().dump());
+}
+
+// A profile of one plan costs another plan's ops, whose shapes it never saw, from the sizes it
+// did: kernels that cost a fixed overhead plus a rate times their work come out exact, inside
+// the measured sizes or beyond them; a family measured at one size takes the overhead the others
+// show, and says it is unsure.
+TEST(Calibration, OpsOfOtherShapesInterpolateAcrossMeasuredSizes) {
+  const SpecCatalog cat(PX_DATASETS_DIR);
+  const ModelSpec m = cat.model("tiny-gpt");
+  auto plan_with = [&](int micro_batch, int tp) {
+    PlanSpec p;
+    p.tensor_model_parallel_size = tp;
+    p.micro_batch_size = micro_batch;
+    p.global_batch_size = 4;
+    p.precision = DType::F32;
+    p.grad_dtype = DType::F32;
+    return compile_plan(m, resolve_plan(p, m, nullptr));
+  };
+  const auto kernel = [](const Op& op) { return 3e-6 + 2e-12 * op_work(op); };
+  const CompiledPlan measured = plan_with(2, 1);
+  const fs::path dir = fs::path(::testing::TempDir()) / ("calibration-interp-" + std::to_string(getpid()));
+  CalibrationProfile profile;
+  profile.add_traces(measured, write_traces(measured, dir, 0.0, 0.0, kernel));
+  // The file keeps what interpolation needs.
+  profile.write(dir / "profile.json");
+  const CalibrationProfile back = CalibrationProfile::read(dir / "profile.json");
+  int exact = 0, proportional = 0;
+  for (const CompiledPlan& other : {plan_with(1, 1), plan_with(4, 1), plan_with(2, 2)}) {
+    for (const Op& op : other.roles[0].ops) {
+      if (is_comm(op.kind) || !(op_work(op) > 0)) continue;
+      std::set<double> sizes;
+      for (const Op& x : measured.roles[0].ops)
+        if (!is_comm(x.kind) && op_family(x) == op_family(op)) sizes.insert(op_work(x));
+      const auto c = back.lookup(op);
+      if (sizes.empty()) {  // e.g. the vocabulary-parallel loss's extra phases at tp 2
+        EXPECT_FALSE(c) << other.roles[0].name_of(op);
+        continue;
+      }
+      ASSERT_TRUE(c) << other.roles[0].name_of(op);
+      if (!c->interpolated) {
+        EXPECT_NEAR(c->seconds, kernel(op), 1e-12);
+        continue;
+      }
+      if (sizes.size() >= 2) {
+        EXPECT_NEAR(c->seconds, kernel(op), 1e-9 * kernel(op)) << other.roles[0].name_of(op) << " " << op_family(op);
+        ++exact;
+      } else {
+        EXPECT_NEAR(c->seconds, kernel(op), 1e-9 * kernel(op)) << other.roles[0].name_of(op);
+        EXPECT_GE(c->spread, 0.5);
+        ++proportional;
+      }
+    }
+  }
+  EXPECT_GT(exact, 10);
+  EXPECT_GT(proportional, 0);
+  // A kind of op never measured has no cost here (the roofline takes it).
+  Op rope;
+  rope.kind = OpKind::Rope;
+  rope.bytes_read = 1024;
+  EXPECT_FALSE(back.lookup(rope));
 }
 
 TEST(Calibration, CollectivesInterpolateTheCommBenchmark) {
