@@ -139,8 +139,19 @@ int simulate(const Options& o) {
     r.tokens_per_s *= first / r.iteration_s;
     r.mfu *= first / r.iteration_s;
   }
+  // A plan that needs more memory than its GPU has would not run: predicted all the same (a
+  // what-if), and said so.
   nlohmann::json roles = nlohmann::json::array();
-  for (const Program& p : plan.roles) roles.push_back({{"stage", p.pp_stage}, {"peak_bytes", plan_memory(p).arena_bytes}});
+  const double hbm = cluster.gpu.hbm_gib * static_cast<double>(1 << 30);
+  bool fits = true;
+  for (const Program& p : plan.roles) {
+    const std::int64_t peak = plan_memory(p).arena_bytes;
+    fits = fits && static_cast<double>(peak) <= hbm;
+    roles.push_back({{"stage", p.pp_stage}, {"peak_bytes", peak}, {"fits_hbm", static_cast<double>(peak) <= hbm}});
+  }
+  if (!fits)
+    fmt::print(stderr, "parallax: warning: the plan needs more memory than the {:.2f} GiB of a {} on some pipeline stage (peak memory below): it would not run there\n",
+               cluster.gpu.hbm_gib, cluster.gpu.name);
   const std::string mfu_formula = fmt::format("model FLOPs per iteration / (iteration time x {} GPUs x {} TFLOP/s dense bf16 peak of {})",
                                               plan.topology.world_size(), cluster.gpu.peak_bf16_tflops, cluster.gpu.name);
   if (!o.sim.trace_out.empty()) {
@@ -198,6 +209,7 @@ int simulate(const Options& o) {
                           {"pipeline_bubble", r.breakdown.bubble_s},
                           {"other", r.breakdown.other_s}}},
                         {"peak_memory_per_role", roles},
+                        {"fits_hbm", fits},
                         {"flows_simulated", r.flows}};
     if (run_id) j["run_id"] = *run_id;
     for (std::size_t k = 0; k < recorded.size(); ++k)
@@ -214,7 +226,8 @@ int simulate(const Options& o) {
              r.slowest_rank, 1e3 * r.breakdown.compute_s, 1e3 * r.breakdown.exposed_comm_s, 1e3 * r.breakdown.bubble_s,
              1e3 * r.breakdown.other_s);
   for (const auto& role : roles)
-    fmt::print("  stage {:>3}: peak memory {:.2f} GiB\n", role["stage"].get<int>(), role["peak_bytes"].get<double>() / (1 << 30));
+    fmt::print("  stage {:>3}: peak memory {:.2f} GiB{}\n", role["stage"].get<int>(), role["peak_bytes"].get<double>() / (1 << 30),
+               role["fits_hbm"].get<bool>() ? "" : fmt::format(", more than the GPU's {:.2f} GiB", cluster.gpu.hbm_gib));
   if (options.profile && options.profile->measured_iteration_s() > 0) {
     const double m = options.profile->measured_iteration_s();
     fmt::print("the profiled run measured {:.3f} ms per iteration: predicted {:+.1f}%\n", 1e3 * m, 100 * (r.iteration_s - m) / m);

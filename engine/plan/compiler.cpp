@@ -123,7 +123,7 @@ class StageCompiler {
     op.layer = layer_;
     op.micro_batch = mb_;
     op.chunk = static_cast<std::uint8_t>(chunk_);
-    op.dtype = P_.precision;
+    op.dtype = P_.precision == DType::FP8 && kind != OpKind::Gemm ? DType::BF16 : P_.precision;
     return op;
   }
 
@@ -1193,7 +1193,9 @@ LocalDims local_dims(const ModelSpec& M, const PlanSpec& P, int padded_vocab) {
   D.T = D.S * D.b;
   D.sp = P.sequence_parallel && D.tp > 1;
   D.Tres = D.sp ? D.T / D.tp : D.T;
-  D.e = static_cast<std::int64_t>(dtype_bytes(P.precision));
+  // fp8 training runs its linear layers' GEMMs in fp8 and keeps everything else, and what is
+  // stored between ops, in bf16 (Transformer Engine's fp8 recipe; torchao's Float8 linears).
+  D.e = static_cast<std::int64_t>(dtype_bytes(P.precision == DType::FP8 ? DType::BF16 : P.precision));
   D.gb = static_cast<std::int64_t>(dtype_bytes(P.grad_dtype));
   D.flash = P.use_flash_attn;
   D.swiglu = M.activation == Activation::SwiGLU;

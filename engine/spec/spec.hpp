@@ -146,7 +146,8 @@ struct PlanSpec {
   bool sequence_parallel = false;
   bool optimizer_offload = false;        // optimizer states and step on the host
   bool use_flash_attn = true;            // fused attention: no s x s tensors kept in memory
-  DType precision = DType::BF16;         // weights and activations; master weights and Adam are fp32
+  DType precision = DType::BF16;         // weights and activations; master weights and Adam are fp32;
+                                         // fp8: the GEMMs only, the rest bf16 (compiler.cpp)
   DType grad_dtype = DType::F32;         // main-gradient accumulation dtype (Megatron bf16 default)
 
   int tp() const { return tensor_model_parallel_size; }

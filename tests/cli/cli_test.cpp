@@ -95,6 +95,21 @@ TEST(Simulate, PredictsAnIterationAndWritesWellFormedTraces) {
   }
 }
 
+// A plan too large for its GPUs is still predicted (a what-if), and says it would not fit.
+TEST(Simulate, WarnsWhenAStageNeedsMoreMemoryThanItsGpu) {
+  const std::string plan = "simulate --model gpt2-1.5b --cluster h100-8 --dp 1 --global-batch 64 --micro-batch 64 --recompute none ";
+  const Result big = run(plan + "--json");
+  ASSERT_EQ(big.code, 0) << big.err;
+  const auto j = nlohmann::json::parse(big.out);
+  EXPECT_FALSE(j["fits_hbm"].get<bool>());
+  EXPECT_FALSE(j["peak_memory_per_role"][0]["fits_hbm"].get<bool>());
+  EXPECT_NE(big.err.find("more memory than the 79.65 GiB"), std::string::npos) << big.err;
+  const Result small = run("simulate --model gpt2-1.5b --cluster h100-8 --dp 1 --global-batch 4 --micro-batch 4 --json");
+  ASSERT_EQ(small.code, 0) << small.err;
+  EXPECT_TRUE(nlohmann::json::parse(small.out)["fits_hbm"].get<bool>());
+  EXPECT_EQ(small.err, "");
+}
+
 // Every bad input: exit code 2, exactly one line on stderr, and it says where and why.
 struct Bad {
   const char* name;

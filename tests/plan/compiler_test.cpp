@@ -317,6 +317,29 @@ double stage0_bubble(const CompiledPlan& plan) {
   return 1.0 - r.compute_busy[0] / r.makespan;
 }
 
+TEST(Precision, Fp8RunsTheGemmsInFp8AndKeepsTheRestInBf16) {
+  // As Transformer Engine's fp8 recipe and torchao's Float8 linears do: the same plan in bf16
+  // stores and moves the same bytes, and only its GEMMs change dtype.
+  const ModelSpec m = test::model("gpt2-124m");
+  const auto with = [&](DType d) {
+    return compile_plan(m, test::plan_for(m, [&](PlanSpec& s) {
+      s.precision = d;
+      batch(s, 2, 2);
+    }));
+  };
+  const CompiledPlan fp8 = with(DType::FP8), bf16 = with(DType::BF16);
+  ASSERT_EQ(fp8.roles[0].ops.size(), bf16.roles[0].ops.size());
+  int gemms = 0;
+  for (std::size_t i = 0; i < fp8.roles[0].ops.size(); ++i) {
+    const Op& a = fp8.roles[0].ops[i];
+    const Op& b = bf16.roles[0].ops[i];
+    gemms += a.kind == OpKind::Gemm;
+    EXPECT_EQ(a.dtype, a.kind == OpKind::Gemm ? DType::FP8 : b.dtype) << fp8.roles[0].name_of(a);
+    EXPECT_EQ(a.bytes_read + a.bytes_written, b.bytes_read + b.bytes_written) << fp8.roles[0].name_of(a);
+  }
+  EXPECT_GT(gemms, 0);
+}
+
 TEST(AttentionTraffic, UnfusedAttentionCountsItsScorePassesAndFlashDoesNot) {
   // Per score element of e bytes, with attention dropout: forward 3e read and 3e + 1 written (scores,
   // probabilities, dropped probabilities and the mask), backward 6e + 1 read and 3e written.
