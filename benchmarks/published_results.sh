@@ -29,7 +29,7 @@ selene="--cluster selene --seq-length 2048 --sp --recompute selective --precisio
 # no recompute, 1F1B, micro-batch 4 (the whole replica batch) at pp 1 and 1 at pp > 1 are assumptions
 # (not stated); the README does not name its cluster: the DGX H100 SuperPOD design is used; --fold
 # replays one data-parallel replica (within 1e-5 of the full replay at 48 replicas of 1.7B).
-mcore="--precision bf16 --zero 1 --recompute none --fold"
+mcore="--precision bf16 --zero 1 --overlap-param-gather --recompute none --fold"
 titan="--zero 3"                                   # FSDP: parameters, gradients and optimizer sharded
 llmc="--precision bf16 --zero 1 --recompute none"  # llm.c's -z 1 (ZeRO-1), -r 0 (no recompute)
 # group|model|published figure|its kind (s_iter, tok_gpu, tflops_gpu, mfu)|flags

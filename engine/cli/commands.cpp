@@ -62,6 +62,8 @@ void add_plan_flags(CLI::App* cmd, Options& o) {
   cmd->add_option("--precision", f.precision, "Weights/activations precision")->check(CLI::IsMember(keys(kPrecision)));
   cmd->add_flag("--sequence-parallel,--sp", f.sequence_parallel, "Megatron sequence parallelism");
   cmd->add_flag("--offload", f.offload, "Optimizer states and step on the host");
+  cmd->add_flag("--overlap-param-gather", f.overlap_param_gather,
+                "ZeRO-1/2: gather updated weights at the next iteration's start, overlapped with its forward");
   cmd->add_flag("--no-flash-attn", f.no_flash_attn, "Unfused attention (keeps s x s softmax for backward)");
   cmd->add_flag("--json", o.json, "Machine-readable output");
 }
@@ -102,6 +104,7 @@ PlanSpec build_plan(const SpecCatalog& cat, const PlanFlags& f, const ModelSpec&
   if (!f.precision.empty()) p.precision = kPrecision.at(f.precision);
   if (f.sequence_parallel) p.sequence_parallel = true;
   if (f.offload) p.optimizer_offload = true;
+  if (f.overlap_param_gather) p.overlap_param_gather = true;
   if (f.no_flash_attn) p.use_flash_attn = false;
   return resolve_plan(p, model, cluster);
 }

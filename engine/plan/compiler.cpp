@@ -65,6 +65,7 @@ class StageCompiler {
 
   Program compile() {
     make_buffers();
+    if (P_.overlap_param_gather) gather_weights();
     std::vector<int> finished(static_cast<std::size_t>(v_), 0);  // gradient passes done per chunk
     for (const PipelinePass& pass : passes_) {
       mb_ = pass.micro_batch;
@@ -1103,12 +1104,29 @@ class StageCompiler {
       for (auto w : weights) add_use(idx, w, true);
       add_use(idx, *optimizer_, true);
     }
-    // ZeRO-1/2: every rank updated its block of each buffer; gather the updated weights back.
-    if (P_.zero_stage == 1 || P_.zero_stage == 2)
-      for (const ParamBuffer& b : prog_.buffers)
-        if (b.optimizer_sharded)
-          comm(OpKind::AllGather, b.shard_group, b.shard_group == GroupKind::DP ? "weights.all_gather" : "weights.all_gather_experts",
-               D_.e * b.padded, Stream::DataComm, {}, {b.weight});
+    if (!P_.overlap_param_gather) gather_weights();
+  }
+
+  // ZeRO-1/2: every rank updated its block of each buffer; the updated weights are gathered back,
+  // after the step or (overlapped) at the next iteration's start in the order the forward needs
+  // them, each forward op waiting only for its own buffer's.
+  void gather_weights() {
+    if (P_.zero_stage != 1 && P_.zero_stage != 2) return;
+    std::vector<int> order(prog_.buffers.size());
+    for (std::size_t b = 0; b < order.size(); ++b) order[b] = static_cast<int>(b);
+    const auto rank_of = [&](int b) {  // embeddings, then layers in order, then the head
+      const int l = buffer(b).layer;
+      return l != kNone ? l + 1 : b == word_buf_ || b == pos_buf_ ? 0 : M_.num_layers + 1;
+    };
+    std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return rank_of(a) < rank_of(b); });
+    for (int b : order) {
+      const ParamBuffer& buf = buffer(b);
+      if (!buf.optimizer_sharded) continue;
+      layer_ = buf.layer;
+      comm(OpKind::AllGather, buf.shard_group, buf.shard_group == GroupKind::DP ? "weights.all_gather" : "weights.all_gather_experts",
+           D_.e * buf.padded, Stream::DataComm, {}, {buf.weight});
+    }
+    layer_ = kNone;
   }
 
   i64 local_params() const {

@@ -145,6 +145,10 @@ struct PlanSpec {
   Recompute recompute = Recompute::None;
   bool sequence_parallel = false;
   bool optimizer_offload = false;        // optimizer states and step on the host
+  // ZeRO-1/2: each buffer's updated weights are gathered at the start of the next iteration, where
+  // the forward waits only for its own layer's (Megatron-LM's --overlap-param-gather), instead of
+  // all at the end of the step.
+  bool overlap_param_gather = false;
   bool use_flash_attn = true;            // fused attention: no s x s tensors kept in memory
   DType precision = DType::BF16;         // weights and activations; master weights and Adam are fp32;
                                          // fp8: the GEMMs only, the rest bf16 (compiler.cpp)

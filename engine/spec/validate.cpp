@@ -277,6 +277,13 @@ PlanSpec resolve_plan(PlanSpec p, const ModelSpec& m, const ClusterSpec* cluster
            "1 shards optimizer states (Megatron-LM's distributed optimizer), 2 also gradients, "
            "3 also weights");
   }
+  if (p.overlap_param_gather && (p.zero_stage < 1 || p.zero_stage > 2 || p.optimizer_offload)) {
+    c.fail({"overlap_param_gather"},
+           fmt::format("overlap_param_gather needs the weights gathered after a sharded step: zero_stage 1 or 2 without "
+                       "optimizer_offload (this plan: zero_stage {}{})",
+                       p.zero_stage, p.optimizer_offload ? ", optimizer_offload" : ""),
+           "set zero_stage: 1, or drop overlap_param_gather");
+  }
   if (p.grad_dtype == DType::FP8) {
     c.fail({"grad_dtype"}, "grad_dtype fp8 is not supported: gradients accumulate in fp32, bf16 "
                            "or fp16", "use grad_dtype: fp32");

@@ -143,6 +143,8 @@ INSTANTIATE_TEST_SUITE_P(
         Bad{"interleaved_micro_batches", "plan check --model gpt3-175b --schedule interleaved-1f1b --pp 4 --virtual-stages 2 --global-batch 6 --dp 1",
             "micro"},
         Bad{"unknown_schedule", "plan check --model gpt3-175b --schedule sideways", "sideways"},
+        Bad{"overlap_param_gather_unsharded", "plan check --model gpt2-124m --dp 2 --global-batch 2 --overlap-param-gather",
+            "overlap_param_gather needs"},
         Bad{"flag_without_value", "plan check --model gpt3-175b --tp", "--tp"},
         Bad{"rank_outside_plan", "plan show --model gpt3-175b --tp 8 --pp 16 --dp 80 --global-batch 2560 --rank 99999", "--rank 99999"},
         Bad{"unknown_cluster", "plan show --model gpt3-175b --cluster no-such-cluster", "no-such-cluster"},

@@ -184,6 +184,8 @@ std::vector<Case> cases() {
       {"dp2", "tiny-gpt", 2, [](PlanSpec& p) { p.data_parallel_size = 2; batch(p, 1, 4); }},
       {"zero1", "tiny-gpt", 2, [](PlanSpec& p) { p.data_parallel_size = 2; p.zero_stage = 1; batch(p, 1, 4); }},
       {"zero2", "tiny-llama", 2, [](PlanSpec& p) { p.data_parallel_size = 2; p.zero_stage = 2; batch(p, 1, 4); }},
+      {"zero1_overlap_param_gather", "tiny-gpt", 2,
+       [](PlanSpec& p) { p.data_parallel_size = 2; p.zero_stage = 1; p.overlap_param_gather = true; batch(p, 1, 4); }},
       {"zero3", "tiny-gpt", 2, [](PlanSpec& p) { p.data_parallel_size = 2; p.zero_stage = 3; batch(p, 1, 4); }},
       {"zero2_offload", "tiny-gpt", 2,
        [](PlanSpec& p) { p.data_parallel_size = 2; p.zero_stage = 2; p.optimizer_offload = true; batch(p, 1, 2); }},
@@ -234,13 +236,14 @@ std::vector<Case> cases() {
          p.data_parallel_size = 2;
          batch(p, 1, 8);
        }},
-      {"tp2_sp_dp4_ep2_zero2", "tiny-moe", 8,
+      {"tp2_sp_dp4_ep2_zero2_overlap_param_gather", "tiny-moe", 8,
        [](PlanSpec& p) {
          p.tensor_model_parallel_size = 2;
          p.sequence_parallel = true;
          p.data_parallel_size = 4;
          p.expert_model_parallel_size = 2;
          p.zero_stage = 2;
+         p.overlap_param_gather = true;
          batch(p, 1, 4);
        }},
       {"cp2_ep2_pp2_zero3_zero_bubble", "tiny-moe", 8,

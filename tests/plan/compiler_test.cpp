@@ -5,6 +5,7 @@
 
 #include <ostream>
 
+#include <algorithm>
 #include <cmath>
 
 #include "engine/plan/dry_run.hpp"
@@ -38,6 +39,14 @@ const std::vector<Case>& strategy_cases() {
       {"dp2", "tiny-gpt", [](PlanSpec& p) { p.data_parallel_size = 2; batch(p, 1, 4); }},
       {"zero1", "tiny-gpt", [](PlanSpec& p) { p.data_parallel_size = 2; p.zero_stage = 1; batch(p, 1, 4); }},
       {"zero2", "tiny-gpt", [](PlanSpec& p) { p.data_parallel_size = 2; p.zero_stage = 2; batch(p, 1, 4); }},
+      {"zero1_overlap_param_gather_ep2", "tiny-moe",
+       [](PlanSpec& p) {
+         p.data_parallel_size = 2;
+         p.expert_model_parallel_size = 2;
+         p.zero_stage = 1;
+         p.overlap_param_gather = true;
+         batch(p, 1, 4);
+       }},
       {"zero3", "tiny-gpt", [](PlanSpec& p) { p.data_parallel_size = 2; p.zero_stage = 3; batch(p, 1, 4); }},
       {"tp2", "tiny-gpt", [](PlanSpec& p) { p.tensor_model_parallel_size = 2; batch(p, 1, 2); }},
       {"tp2_sp", "tiny-llama", [](PlanSpec& p) { p.tensor_model_parallel_size = 2; p.sequence_parallel = true; batch(p, 1, 2); }},
@@ -315,6 +324,59 @@ double stage0_bubble(const CompiledPlan& plan) {
   const DryRunResult r = dry_run(plan, {layer_compute_cost, false});
   EXPECT_TRUE(r.ok) << r.error;
   return 1.0 - r.compute_busy[0] / r.makespan;
+}
+
+TEST(CommVolume, OverlappedParamGatherMovesTheSameGathersToTheIterationsStart) {
+  // Megatron's --overlap-param-gather: the same all-gathers, before any forward op, and a forward
+  // op waits for its own layer's gather only.
+  const auto with = [](bool overlap) {
+    return test::compile("tiny-gpt-deep", [&](PlanSpec& p) {
+      p.data_parallel_size = 2;
+      p.pipeline_model_parallel_size = 2;
+      p.zero_stage = 1;
+      p.overlap_param_gather = overlap;
+      batch(p, 1, 4);
+    });
+  };
+  const CompiledPlan after = with(false), before = with(true);
+  for (std::size_t r = 0; r < before.roles.size(); ++r) {
+    const Program& prog = before.roles[r];
+    const auto gathers = [](const Program& p) {
+      std::vector<std::int64_t> bytes;
+      for (const Op& op : p.ops)
+        if (op.kind == OpKind::AllGather && p.name_of(op) == "weights.all_gather") bytes.push_back(op.comm_bytes);
+      return bytes;
+    };
+    std::vector<std::int64_t> a = gathers(after.roles[r]), b = gathers(prog);
+    ASSERT_FALSE(a.empty());
+    std::sort(a.begin(), a.end());
+    std::sort(b.begin(), b.end());
+    EXPECT_EQ(a, b);
+    const auto n = static_cast<std::uint32_t>(a.size());
+    for (std::uint32_t g = 0; g < n; ++g) EXPECT_EQ(prog.name_of(prog.ops[g]), "weights.all_gather") << "the gathers open the program";
+    // The first op to read a gathered buffer waits for that gather, and for no gather of a buffer
+    // it does not read.
+    const auto written = [&](std::uint32_t g) {
+      for (const TensorUse& u : prog.uses_of(prog.ops[g]))
+        if (u.write) return u.tensor;
+      return std::uint32_t{0};
+    };
+    const auto reads = [&](const Op& op, std::uint32_t t) {
+      const auto uses = prog.uses_of(op);
+      return std::any_of(uses.begin(), uses.end(), [&](const TensorUse& u) { return !u.write && u.tensor == t; });
+    };
+    for (std::uint32_t g = 0; g < n; ++g) {
+      const auto reader = std::find_if(prog.ops.begin() + n, prog.ops.end(), [&](const Op& op) { return reads(op, written(g)); });
+      ASSERT_NE(reader, prog.ops.end()) << "gather " << g;
+      const auto deps = prog.deps_of(*reader);
+      EXPECT_NE(std::find(deps.begin(), deps.end(), g), deps.end()) << prog.name_of(*reader);
+      for (auto d : deps) {
+        if (d < n) {
+          EXPECT_TRUE(reads(*reader, written(d))) << prog.name_of(*reader) << " waits for a gather it does not read";
+        }
+      }
+    }
+  }
 }
 
 TEST(Precision, Fp8RunsTheGemmsInFp8AndKeepsTheRestInBf16) {
