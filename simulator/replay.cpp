@@ -857,6 +857,7 @@ SimResult run_replay(const CompiledPlan& plan, const ClusterSpec& cluster, const
       if (op.stream != Stream::Compute || is_comm(op.kind)) continue;
       const OpCost c = costs.cost(op, op_context(plan, r.slowest_rank));
       all += c.seconds;
+      r.cost_models[std::string(c.model)] += c.seconds;
       if (c.model == "measured" || c.model == "measured-interpolated") {
         measured += c.seconds;
         spread += c.seconds * c.spread;
@@ -865,9 +866,11 @@ SimResult run_replay(const CompiledPlan& plan, const ClusterSpec& cluster, const
     }
     r.measured_fraction = all > 0 ? measured / all : 0;
     r.interpolated_fraction = all > 0 ? interpolated / all : 0;
+    for (auto& [model, seconds] : r.cost_models) seconds = all > 0 ? seconds / all : 0;
     r.measured_spread = measured > 0 ? spread / measured : 0;
     r.error_band = all > 0 ? (spread + (all - measured) * options.cost.roofline_uncertainty) / all : 0;
     if (!options.recorded.empty()) {  // verbatim: every compute cost is the run's own
+      r.cost_models = {{"recorded", 1.0}};
       r.measured_fraction = 1;
       r.measured_spread = r.error_band = 0;
     }
@@ -897,6 +900,7 @@ SimResult from_json(const nlohmann::json& j) {
   r.flows = j.at("flows");
   r.measured_fraction = j.at("measured_fraction");
   r.interpolated_fraction = j.at("interpolated_fraction");
+  r.cost_models = j.at("cost_models").get<std::map<std::string, double>>();
   r.measured_spread = j.at("measured_spread");
   r.error_band = j.at("error_band");
   for (const auto& per_rank : j.at("timings")) {
@@ -930,6 +934,7 @@ nlohmann::json SimResult::to_json() const {
           {"flows", flows},
           {"measured_fraction", measured_fraction},
           {"interpolated_fraction", interpolated_fraction},
+          {"cost_models", cost_models},
           {"measured_spread", measured_spread},
           {"error_band", error_band},
           {"timings", std::move(t)}};

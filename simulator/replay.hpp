@@ -86,6 +86,9 @@ struct SimResult {
   double measured_spread = 0;
   // Of that measured share, what was interpolated from other sizes of the same kind of op.
   double interpolated_fraction = 0;
+  // The same time by the cost model that produced it ("measured", "gemm-curve", ...; "recorded"
+  // in a verbatim replay): shares that sum to 1.
+  std::map<std::string, double> cost_models;
   // Relative half-width of the prediction's error band: each compute cost's own uncertainty
   // (a measured op's spread, a roofline op's stated uncertainty), weighted by its share of the
   // slowest rank's compute. Network flows are exact for their model and add none.

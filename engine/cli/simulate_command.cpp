@@ -158,7 +158,21 @@ int simulate(const Options& o) {
     std::filesystem::create_directories(o.sim.trace_out);
     for (std::size_t k = 0; k < r.traced_ranks.size(); ++k) {
       ChromeTrace trace(plan, {r.traced_ranks[k], "nccl", cluster.gpu.name, true});
-      trace.add_iteration(0, r.timings[k]);
+      // Each compute op says which cost model timed it, and how sure that model is.
+      const Program& prog = plan.program_of(r.traced_ranks[k]);
+      const sim::CostModel costs(cluster.gpu, cluster.node, options.cost, options.profile ? &*options.profile : nullptr);
+      std::vector<nlohmann::json> args(prog.ops.size());
+      for (std::size_t i = 0; i < prog.ops.size(); ++i) {
+        if (is_comm(prog.ops[i].kind)) continue;
+        if (!recorded.empty()) {
+          args[i] = {{"cost model", "recorded"}};
+          continue;
+        }
+        const sim::OpCost c = costs.cost(prog.ops[i], sim::op_context(plan, r.traced_ranks[k]));
+        args[i] = {{"cost model", std::string(c.model)},
+                   {"cost residual", c.model == "measured" || c.model == "measured-interpolated" ? c.spread : options.cost.roofline_uncertainty}};
+      }
+      trace.add_iteration(0, r.timings[k], 0.0, {}, args);
       trace.write(std::filesystem::path(o.sim.trace_out) / fmt::format("trace_rank{:05d}.json", r.traced_ranks[k]));
     }
   }
@@ -196,6 +210,7 @@ int simulate(const Options& o) {
                                                                  : "measured (" + o.sim.profile + ") with roofline fallback"},
                         {"measured_fraction", r.measured_fraction},
                         {"interpolated_fraction", r.interpolated_fraction},
+                        {"cost_models", r.cost_models},
                         {"profile_measured_iteration_s", options.profile ? options.profile->measured_iteration_s() : 0.0},
                         {"recorded_iteration_s", measured},
                         {"measured_spread", r.measured_spread},
@@ -243,6 +258,9 @@ int simulate(const Options& o) {
     fmt::print("costs: {:.1f}% of the slowest rank's compute measured ({}; {:.1f}% interpolated from other sizes; spread {:.1f}%), the rest roofline",
                100 * r.measured_fraction, o.sim.profile, 100 * r.interpolated_fraction, 100 * r.measured_spread);
   fmt::print("; {} network flows simulated{}\n", r.flows, run_id ? fmt::format("; run {} recorded", *run_id) : std::string());
+  std::string by_model;
+  for (const auto& [model_name, share] : r.cost_models) by_model += fmt::format("{}{} {:.1f}%", by_model.empty() ? "" : ", ", model_name, 100 * share);
+  fmt::print("cost models of the slowest rank's compute: {}\n", by_model);
   return 0;
 #else
   (void)o;

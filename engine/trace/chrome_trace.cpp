@@ -49,7 +49,8 @@ ChromeTrace::ChromeTrace(const CompiledPlan& plan, TraceInfo info) : plan_(plan)
                        {"args", {{"name", fmt::format("stream {} {}", s + 1, to_string(static_cast<Stream>(s)))}}}});
 }
 
-void ChromeTrace::add_iteration(int iteration, std::span<const OpTiming> timings, double origin_s, std::span<const double> host_s) {
+void ChromeTrace::add_iteration(int iteration, std::span<const OpTiming> timings, double origin_s, std::span<const double> host_s,
+                                std::span<const json> op_args) {
   const Program& prog = plan_.program_of(info_.rank);
   const RankBinding& binding = plan_.ranks[static_cast<std::size_t>(info_.rank)];
   const Topology& topo = plan_.topology;
@@ -80,6 +81,7 @@ void ChromeTrace::add_iteration(int iteration, std::span<const OpTiming> timings
     if (op.bytes_written > 0) args["bytes written"] = op.bytes_written;
     if (op.kind == OpKind::Gemm || op.kind == OpKind::AttentionCore)
       args["shape"] = {{"m", op.m}, {"n", op.n}, {"k", op.k}, {"batch", op.batch}};
+    if (i < op_args.size() && op_args[i].is_object()) args.update(op_args[i]);
     std::string name(prog.name_of(op));
     std::string cat = "kernel";
     if (is_comm(op.kind)) {

@@ -33,9 +33,10 @@ class ChromeTrace {
 
   // One iteration of this rank's program; `timings` are per op, in seconds from `origin_s`
   // (the same clock for every iteration of the trace). `host_s`, when given, is each comm op's
-  // host-thread time (Executor::host_seconds), recorded as its "host us".
+  // host-thread time (Executor::host_seconds), recorded as its "host us". `op_args`, when given,
+  // adds per op its own arguments (a simulated trace: the cost model that timed each op).
   void add_iteration(int iteration, std::span<const OpTiming> timings, double origin_s = 0.0,
-                     std::span<const double> host_s = {});
+                     std::span<const double> host_s = {}, std::span<const nlohmann::json> op_args = {});
 
   nlohmann::json to_json() const;
   // Writes to a temporary file beside `path`, then renames: a trace is whole or absent.

@@ -87,11 +87,23 @@ TEST(Simulate, PredictsAnIterationAndWritesWellFormedTraces) {
               t, 1e-9 * t);
   EXPECT_NEAR(j["tokens_per_second"].get<double>(), 32 * 1024 / t, 1e-6 * 32 * 1024 / t);
   EXPECT_NE(j["mfu_formula"].get<std::string>().find("989.4 TFLOP/s"), std::string::npos);
+  double shares = 0;
+  for (const auto& [model, share] : j["cost_models"].items()) shares += share.get<double>();
+  EXPECT_NEAR(shares, 1.0, 1e-9);
+  EXPECT_GT(j["cost_models"]["gemm-curve"].get<double>(), 0.3);
   for (const char* rank : {"00000", "00007"}) {
     std::ifstream in(dir + "/trace_rank" + rank + ".json");
     const auto trace = nlohmann::json::parse(in);
     EXPECT_TRUE(trace["traceEvents"].size() > 100) << rank;
     EXPECT_EQ(trace["distributedInfo"]["rank"].get<int>(), std::stoi(rank));
+    // Every compute op names the cost model that timed it.
+    int costed = 0;
+    for (const auto& e : trace["traceEvents"])
+      if (e.value("cat", "") == "kernel" && e["args"].contains("op id") && !e["args"].contains("Collective name")) {
+        EXPECT_TRUE(e["args"].contains("cost model")) << e["name"];
+        ++costed;
+      }
+    EXPECT_GT(costed, 100) << rank;
   }
 }
 
