@@ -7,6 +7,7 @@
 #include <fstream>
 
 #include "engine/core/error.hpp"
+#include "engine/plan/plan_summary.hpp"
 
 namespace px::sim {
 namespace {
@@ -182,6 +183,7 @@ std::vector<RecordedIteration> recorded_iterations(const CompiledPlan& plan, con
 }
 
 void CalibrationProfile::add_traces(const CompiledPlan& plan, const std::vector<std::filesystem::path>& traces) {
+  traced_plan_ = plan_to_json(plan.plan);
   for (const auto& file : traces) {
     const auto [rank, trace] = read_trace(plan, file);
     const Program& prog = plan.program_of(rank);
@@ -405,7 +407,7 @@ nlohmann::json CalibrationProfile::to_json() const {
   for (const auto& [name, by_ranks] : collectives_)
     for (const auto& [ranks, points] : by_ranks) coll[name][std::to_string(ranks)] = points;
   return {{"format", "parallax-calibration 1"}, {"source", source}, {"dispatch_gap_s", dispatch_gap_s()},
-          {"measured_iteration_s", measured_iteration_s()}, {"ops", ops}, {"collectives", coll}};
+          {"measured_iteration_s", measured_iteration_s()}, {"plan", traced_plan_}, {"ops", ops}, {"collectives", coll}};
 }
 
 CalibrationProfile CalibrationProfile::from_json(const nlohmann::json& j, const std::string& file) {
@@ -415,6 +417,7 @@ CalibrationProfile CalibrationProfile::from_json(const nlohmann::json& j, const 
   p.source = j.value("source", "");
   p.gap_ = j.value("dispatch_gap_s", 0.0);
   p.iteration_ = j.value("measured_iteration_s", 0.0);
+  if (j.contains("plan")) p.traced_plan_ = j["plan"];
   if (j.contains("collectives"))
     for (const auto& [name, by_ranks] : j["collectives"].items())
       for (const auto& [ranks, points] : by_ranks.items())

@@ -95,6 +95,9 @@ class CalibrationProfile {
   // The traced run's iteration time: per iteration the slowest rank's span (ProfilerStep), mean
   // over iterations (as op costs are means); 0 when unknown. What a replay of the same plan with this profile predicts.
   double measured_iteration_s() const;
+  // The plan the traces were of (plan_to_json): a prediction compares with the measured iteration
+  // only for that plan. Null when none was traced.
+  const nlohmann::json& traced_plan() const { return traced_plan_; }
 
   nlohmann::json to_json() const;
   static CalibrationProfile from_json(const nlohmann::json& j, const std::string& file = {});
@@ -112,6 +115,7 @@ class CalibrationProfile {
   std::map<int, double> step_span_;  // iteration -> slowest rank's span, seconds
   std::optional<double> iteration_;  // from a profile file
   std::optional<double> gap_;  // from a profile file
+  nlohmann::json traced_plan_;
   struct Sized {
     std::string family;
     double work = 0;

@@ -139,6 +139,9 @@ int simulate(const Options& o) {
     r.tokens_per_s *= first / r.iteration_s;
     r.mfu *= first / r.iteration_s;
   }
+  // The profile's measured iteration is this prediction's yardstick only for the plan it traced.
+  const bool profiled_here = options.profile && options.profile->measured_iteration_s() > 0 &&
+                             options.profile->traced_plan() == plan_to_json(plan_spec);
   // A plan that needs more memory than its GPU has would not run: predicted all the same (a
   // what-if), and said so.
   nlohmann::json roles = nlohmann::json::array();
@@ -211,7 +214,7 @@ int simulate(const Options& o) {
                         {"measured_fraction", r.measured_fraction},
                         {"interpolated_fraction", r.interpolated_fraction},
                         {"cost_models", r.cost_models},
-                        {"profile_measured_iteration_s", options.profile ? options.profile->measured_iteration_s() : 0.0},
+                        {"profile_measured_iteration_s", profiled_here ? nlohmann::json(options.profile->measured_iteration_s()) : nlohmann::json(nullptr)},
                         {"recorded_iteration_s", measured},
                         {"measured_spread", r.measured_spread},
                         {"error_band", {{"relative", r.error_band},
@@ -243,7 +246,7 @@ int simulate(const Options& o) {
   for (const auto& role : roles)
     fmt::print("  stage {:>3}: peak memory {:.2f} GiB{}\n", role["stage"].get<int>(), role["peak_bytes"].get<double>() / (1 << 30),
                role["fits_hbm"].get<bool>() ? "" : fmt::format(", more than the GPU's {:.2f} GiB", cluster.gpu.hbm_gib));
-  if (options.profile && options.profile->measured_iteration_s() > 0) {
+  if (profiled_here) {
     const double m = options.profile->measured_iteration_s();
     fmt::print("the profiled run measured {:.3f} ms per iteration: predicted {:+.1f}%\n", 1e3 * m, 100 * (r.iteration_s - m) / m);
   }

@@ -12,6 +12,7 @@
 #include "engine/core/error.hpp"
 #include "engine/core/hash.hpp"
 #include "engine/plan/compiler.hpp"
+#include "engine/plan/plan_summary.hpp"
 #include "engine/spec/spec_yaml.hpp"
 #include "engine/spec/validate.hpp"
 #include "engine/trace/chrome_trace.hpp"
@@ -130,6 +131,8 @@ TEST(Calibration, MeansSpreadsAndTheirFile) {
   profile.write(dir / "profile.json");
   const CalibrationProfile back = CalibrationProfile::read(dir / "profile.json");
   EXPECT_EQ(back.to_json().dump(), profile.to_json().dump());
+  // It knows which plan it measured, so that only that plan's prediction is compared with it.
+  EXPECT_EQ(back.traced_plan(), plan_to_json(plan.plan));
 }
 
 // A profile of one plan costs another plan's ops, whose shapes it never saw, from the sizes it
