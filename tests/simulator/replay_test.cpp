@@ -229,6 +229,47 @@ TEST(Replay, InOrderIssueProgressesCommunicationOnlyBetweenTheHostsOps) {
   EXPECT_NEAR(simulate(plan, h100_node(), cpu).rank_end_s[1], 6 * c, 0.01 * c);
 }
 
+TEST(Replay, InOrderIssueEndsAMessageAtTheReceiversProgressAndItsSendAtTheSenders) {
+  // Stage 0 posts a message to stage 1 and runs a 5 c compute op; stage 1 waits for the message,
+  // then computes for c. The message is pushed when posted (Open MPI's shared-memory transport):
+  // the receive ends when it has arrived, at once, so stage 1 ends after c, not after stage 0's
+  // op; the send ends at stage 0's next test, after its op.
+  CompiledPlan plan = compile("tiny-gpt-deep", [](PlanSpec& p) {
+    p.pipeline_model_parallel_size = 2;
+    p.global_batch_size = 2;
+  });
+  for (Program& prog : plan.roles) {
+    Program p;
+    p.pp_stage = prog.pp_stage;
+    p.names = {"op"};
+    Op message;
+    message.kind = prog.pp_stage == 0 ? OpKind::Send : OpKind::Recv;
+    message.group = GroupKind::PP;
+    message.peer = prog.pp_stage == 0 ? 1 : -1;
+    message.stream = prog.pp_stage == 0 ? Stream::PipeSendNext : Stream::PipeRecvPrev;
+    message.comm_bytes = 1024;
+    Op compute;
+    compute.kind = OpKind::Gemm;
+    compute.layer = prog.pp_stage;
+    if (prog.pp_stage == 1) {
+      p.deps = {0};
+      compute.deps_begin = 0;
+      compute.deps_end = 1;
+    }
+    p.ops = {message, compute};
+    prog = std::move(p);
+  }
+  const double c = 1e-3;
+  SimOptions o;
+  o.op_cost = [c](const Program& p, const Op&) { return p.pp_stage == 0 ? 5 * c : c; };
+  o.in_order_issue = true;
+  o.traced_ranks = {0, 1};
+  const SimResult r = simulate(plan, h100_node(), o);
+  EXPECT_NEAR(r.rank_end_s[1], c, 0.01 * c);
+  EXPECT_NEAR(r.timings[0][0].end, 5 * c, 0.01 * c) << "the send ends at its host's next test";
+  EXPECT_LT(r.timings[1][0].end, 0.01 * c) << "the receive ends once the message is there";
+}
+
 TEST(Replay, SameInputsGiveBitIdenticalOutput) {
   const CompiledPlan plan = compile("tiny-moe", [](PlanSpec& p) {
     p.tensor_model_parallel_size = 2;
