@@ -85,6 +85,14 @@ std::pair<int, nlohmann::json> read_trace(const CompiledPlan& plan, const std::f
   return {rank, std::move(trace)};
 }
 
+// The host's gaps between back-to-back compute ops ((start, end) spans, µs), in seconds: its
+// dispatch cost, as a kernel launch is a GPU's.
+void add_gaps(std::vector<std::pair<double, double>> spans, std::vector<double>& gaps) {
+  std::sort(spans.begin(), spans.end());
+  for (std::size_t i = 1; i < spans.size(); ++i)
+    if (spans[i].first >= spans[i - 1].second) gaps.push_back(1e-6 * (spans[i].first - spans[i - 1].second));
+}
+
 // A trace of one rank run alone (parallax train --emulate-rank): compute times real, comm ops
 // stand-ins whose times are local copies, and its iteration span not the plan's iteration.
 bool is_emulated(const nlohmann::json& trace) { return trace.contains("parallax") && trace["parallax"].contains("emulated_rank"); }
@@ -154,11 +162,7 @@ std::vector<RecordedIteration> recorded_iterations(const CompiledPlan& plan, con
       r.op_seconds[k][id] = 1e-6 * e["dur"].get<double>();
       if (op->stream == Stream::Compute) compute[it].emplace_back(e["ts"].get<double>(), e["ts"].get<double>() + e["dur"].get<double>());
     }
-    for (auto& [it, c] : compute) {
-      std::sort(c.begin(), c.end());
-      for (std::size_t i = 1; i < c.size(); ++i)
-        if (c[i].first >= c[i - 1].second) gaps.push_back(1e-6 * (c[i].first - c[i - 1].second));
-    }
+    for (auto& [it, c] : compute) add_gaps(std::move(c), gaps);
   }
   for (std::size_t k = 0; k < world; ++k)
     if (file_of[k].empty())
@@ -209,9 +213,7 @@ void CalibrationProfile::add_traces(const CompiledPlan& plan, const std::vector<
       sized_[sig] = {op_family(op, op_context(plan, rank)), op_work(op)};
       if (op.stream == Stream::Compute) compute.emplace_back(e["ts"].get<double>(), e["ts"].get<double>() + e["dur"].get<double>());
     }
-    std::sort(compute.begin(), compute.end());
-    for (std::size_t i = 1; i < compute.size(); ++i)
-      if (compute[i].first >= compute[i - 1].second) gaps_.push_back(1e-6 * (compute[i].first - compute[i - 1].second));
+    add_gaps(std::move(compute), gaps_);
   }
 }
 
