@@ -108,7 +108,8 @@ int simulate(const Options& o) {
     if (r < 0 || r >= plan.topology.world_size())
       throw Error(ErrorKind::Usage, {}, fmt::format("--trace-ranks {} is outside the plan's {} ranks", r, plan.topology.world_size()));
   // A verbatim replay replays each traced iteration with its own costs; the prediction is their
-  // mean, against the mean of the iterations' measured spans.
+  // mean, against the mean of the iterations' measured spans (its simulated traces and per-rank
+  // ends are the first replayed iteration's).
   std::vector<sim::RecordedIteration> recorded;
   if (!o.sim.replay_traces.empty())
     recorded = sim::recorded_iterations(plan, std::vector<std::filesystem::path>(o.sim.replay_traces.begin(), o.sim.replay_traces.end()));
