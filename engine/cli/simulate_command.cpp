@@ -158,9 +158,11 @@ int simulate(const Options& o) {
   nlohmann::json roles = nlohmann::json::array();
   const double hbm = cluster.gpu.hbm_gib * static_cast<double>(1 << 30);
   bool fits = true;
+  double peak_gib = 0;  // the largest stage's
   for (const Program& p : plan.roles) {
     const std::int64_t peak = plan_memory(p).arena_bytes;
     fits = fits && static_cast<double>(peak) <= hbm;
+    peak_gib = std::max(peak_gib, static_cast<double>(peak) / static_cast<double>(1 << 30));
     roles.push_back({{"stage", p.pp_stage}, {"peak_bytes", peak}, {"fits_hbm", static_cast<double>(peak) <= hbm}});
   }
   if (!fits)
@@ -208,7 +210,11 @@ int simulate(const Options& o) {
                    {"compute_time", 1e3 * r.breakdown.compute_s, "ms"},
                    {"exposed_comm_time", 1e3 * r.breakdown.exposed_comm_s, "ms"},
                    {"bubble_time", 1e3 * r.breakdown.bubble_s, "ms"},
-                   {"other_wait_time", 1e3 * r.breakdown.other_s, "ms"}};
+                   {"other_wait_time", 1e3 * r.breakdown.other_s, "ms"},
+                   {"measured_compute_share", 100 * r.measured_fraction, "%"},
+                   {"interpolated_compute_share", 100 * r.interpolated_fraction, "%"},
+                   {"peak_memory", peak_gib, "GiB"},
+                   {"fits_hbm", fits ? 1.0 : 0.0, ""}};
     run_id = db.record_run(rec);
   }
   if (o.json) {

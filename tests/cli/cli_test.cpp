@@ -11,10 +11,12 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <regex>
 #include <nlohmann/json.hpp>
 #include <string>
 
+#include "results/results_db.hpp"
 #include "tests/cli/cli_runner.hpp"
 
 namespace {
@@ -110,12 +112,19 @@ TEST(Simulate, PredictsAnIterationAndWritesWellFormedTraces) {
 // A plan too large for its GPUs is still predicted (a what-if), and says it would not fit.
 TEST(Simulate, WarnsWhenAStageNeedsMoreMemoryThanItsGpu) {
   const std::string plan = "simulate --model gpt2-1.5b --cluster h100-8 --dp 1 --global-batch 64 --micro-batch 64 --recompute none ";
-  const Result big = run(plan + "--json");
+  const std::string db = ::testing::TempDir() + "/parallax_fits_" + std::to_string(getpid()) + ".db";
+  const Result big = run(plan + "--json --db '" + db + "'");
   ASSERT_EQ(big.code, 0) << big.err;
   const auto j = nlohmann::json::parse(big.out);
   EXPECT_FALSE(j["fits_hbm"].get<bool>());
   EXPECT_FALSE(j["peak_memory_per_role"][0]["fits_hbm"].get<bool>());
   EXPECT_NE(big.err.find("more memory than the 79.65 GiB"), std::string::npos) << big.err;
+  // The results row says so too.
+  px::ResultsDb results = px::ResultsDb::open(db);
+  std::map<std::string, double> metric;
+  for (const px::Metric& m : results.metrics(j["run_id"].get<std::int64_t>())) metric[m.name] = m.value;
+  EXPECT_EQ(metric.at("fits_hbm"), 0.0);
+  EXPECT_GT(metric.at("peak_memory"), 79.65);
   const Result small = run("simulate --model gpt2-1.5b --cluster h100-8 --dp 1 --global-batch 4 --micro-batch 4 --json");
   ASSERT_EQ(small.code, 0) << small.err;
   EXPECT_TRUE(nlohmann::json::parse(small.out)["fits_hbm"].get<bool>());
