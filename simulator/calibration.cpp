@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <fmt/format.h>
 #include <fstream>
 
@@ -210,6 +211,11 @@ void CalibrationProfile::add_traces(const CompiledPlan& plan, const std::vector<
       }
       const std::string sig = op_signature(op, op_context(plan, rank));
       add(sig, e["dur"].get<double>() * 1e-6);
+      if (!emulated) {
+        auto& [seconds, count] = by_rank_[rank][sig];
+        seconds += e["dur"].get<double>() * 1e-6;
+        ++count;
+      }
       sized_[sig] = {op_family(op, op_context(plan, rank)), op_work(op)};
       if (op.stream == Stream::Compute) compute.emplace_back(e["ts"].get<double>(), e["ts"].get<double>() + e["dur"].get<double>());
     }
@@ -264,6 +270,22 @@ std::optional<double> CalibrationProfile::collective_seconds(OpKind kind, int ra
   const auto& [b0, t0] = p[p.size() - 2];
   const auto& [b1, t1] = p.back();
   return t1 + (bytes - b1) * std::max(0.0, (t1 - t0) / (b1 - b0));
+}
+
+std::map<int, double> CalibrationProfile::rank_speeds() const {
+  if (rank_speeds_) return *rank_speeds_;
+  finalize();
+  std::map<int, double> out;
+  if (by_rank_.size() < 2) return out;
+  for (const auto& [rank, sigs] : by_rank_) {
+    double measured = 0, expected = 0;
+    for (const auto& [sig, sum] : sigs) {
+      measured += sum.first;
+      expected += static_cast<double>(sum.second) * fitted_.at(sig).seconds;
+    }
+    if (expected > 0) out[rank] = measured / expected;
+  }
+  return out;
 }
 
 double CalibrationProfile::measured_iteration_s() const {
@@ -405,11 +427,14 @@ nlohmann::json CalibrationProfile::to_json() const {
       ops[sig]["work"] = z->second.work;
     }
   }
+  nlohmann::json speeds = nlohmann::json::object();
+  for (const auto& [rank, speed] : rank_speeds()) speeds[std::to_string(rank)] = speed;
   nlohmann::json coll = nlohmann::json::object();
   for (const auto& [name, by_ranks] : collectives_)
     for (const auto& [ranks, points] : by_ranks) coll[name][std::to_string(ranks)] = points;
   return {{"format", "parallax-calibration 1"}, {"source", source}, {"dispatch_gap_s", dispatch_gap_s()},
-          {"measured_iteration_s", measured_iteration_s()}, {"plan", traced_plan_}, {"ops", ops}, {"collectives", coll}};
+          {"measured_iteration_s", measured_iteration_s()}, {"plan", traced_plan_}, {"rank_speeds", speeds}, {"ops", ops},
+          {"collectives", coll}};
 }
 
 CalibrationProfile CalibrationProfile::from_json(const nlohmann::json& j, const std::string& file) {
@@ -420,6 +445,16 @@ CalibrationProfile CalibrationProfile::from_json(const nlohmann::json& j, const 
   p.gap_ = j.value("dispatch_gap_s", 0.0);
   p.iteration_ = j.value("measured_iteration_s", 0.0);
   if (j.contains("plan")) p.traced_plan_ = j["plan"];
+  p.rank_speeds_.emplace();
+  if (j.contains("rank_speeds"))
+    for (const auto& [rank, speed] : j["rank_speeds"].items()) {
+      int r = -1;
+      char tail = 0;
+      if (std::sscanf(rank.c_str(), "%d%c", &r, &tail) != 1 || r < 0 || !speed.is_number() || !(speed.get<double>() > 0))
+        throw Error(ErrorKind::Spec, {file}, fmt::format("rank_speeds entry '{}' is not a rank with a positive speed", rank),
+                    "regenerate the profile");
+      (*p.rank_speeds_)[r] = speed.get<double>();
+    }
   if (j.contains("collectives"))
     for (const auto& [name, by_ranks] : j["collectives"].items())
       for (const auto& [ranks, points] : by_ranks.items())

@@ -98,6 +98,11 @@ class CalibrationProfile {
   // The plan the traces were of (plan_to_json): a prediction compares with the measured iteration
   // only for that plan. Null when none was traced.
   const nlohmann::json& traced_plan() const { return traced_plan_; }
+  // Each traced rank's speed against the others: its compute ops' measured time over what their
+  // signatures' means give (1.06: 6% slower than the traced ranks' average). A replay of the
+  // traced plan runs each rank at its own speed, as a measured straggler. Empty with fewer than
+  // two traced ranks.
+  std::map<int, double> rank_speeds() const;
 
   nlohmann::json to_json() const;
   static CalibrationProfile from_json(const nlohmann::json& j, const std::string& file = {});
@@ -116,6 +121,8 @@ class CalibrationProfile {
   std::optional<double> iteration_;  // from a profile file
   std::optional<double> gap_;  // from a profile file
   nlohmann::json traced_plan_;
+  std::map<int, std::map<std::string, std::pair<double, std::int64_t>>> by_rank_;  // rank -> signature -> (seconds, count)
+  std::optional<std::map<int, double>> rank_speeds_;  // from a profile file
   struct Sized {
     std::string family;
     double work = 0;

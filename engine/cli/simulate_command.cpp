@@ -107,6 +107,16 @@ int simulate(const Options& o) {
   for (int r : options.traced_ranks)
     if (r < 0 || r >= plan.topology.world_size())
       throw Error(ErrorKind::Usage, {}, fmt::format("--trace-ranks {} is outside the plan's {} ranks", r, plan.topology.world_size()));
+  // The profile's measured iteration is this prediction's yardstick only for the plan it traced.
+  const bool profiled_here = options.profile && options.profile->measured_iteration_s() > 0 &&
+                             options.profile->traced_plan() == plan_to_json(plan_spec);
+  // A replay of the traced plan runs each rank at its measured speed (unless --slowdown says
+  // otherwise): a rank that was slower than the others holds them up as it did. A verbatim
+  // replay's recorded durations have it already.
+  std::map<int, double> rank_speeds;
+  if (profiled_here && o.sim.replay_traces.empty())
+    for (const auto& [rank, speed] : options.profile->rank_speeds())
+      if (rank < plan.topology.world_size() && !options.slowdown.count(rank)) options.slowdown[rank] = rank_speeds[rank] = speed;
   // A verbatim replay replays each traced iteration with its own costs; the prediction is their
   // mean, against the mean of the iterations' measured spans (its simulated traces and per-rank
   // ends are the first replayed iteration's).
@@ -150,9 +160,6 @@ int simulate(const Options& o) {
     r.tokens_per_s *= first / r.iteration_s;
     r.mfu *= first / r.iteration_s;
   }
-  // The profile's measured iteration is this prediction's yardstick only for the plan it traced.
-  const bool profiled_here = options.profile && options.profile->measured_iteration_s() > 0 &&
-                             options.profile->traced_plan() == plan_to_json(plan_spec);
   // A plan that needs more memory than its GPU has would not run: predicted all the same (a
   // what-if), and said so.
   nlohmann::json roles = nlohmann::json::array();
@@ -233,6 +240,7 @@ int simulate(const Options& o) {
                         {"cost_models", r.cost_models},
                         {"profile_measured_iteration_s", profiled_here ? nlohmann::json(options.profile->measured_iteration_s()) : nlohmann::json(nullptr)},
                         {"recorded_iteration_s", measured},
+                        {"rank_speeds_applied", rank_speeds},
                         {"median_iteration_error", median_error},
                         {"measured_spread", r.measured_spread},
                         {"error_band", {{"relative", r.error_band},
@@ -264,6 +272,12 @@ int simulate(const Options& o) {
   for (const auto& role : roles)
     fmt::print("  stage {:>3}: peak memory {:.2f} GiB{}\n", role["stage"].get<int>(), role["peak_bytes"].get<double>() / (1 << 30),
                role["fits_hbm"].get<bool>() ? "" : fmt::format(", more than the GPU's {:.2f} GiB", cluster.gpu.hbm_gib));
+  if (!rank_speeds.empty()) {
+    const auto [slow, fast] = std::minmax_element(rank_speeds.begin(), rank_speeds.end(),
+                                                  [](const auto& a, const auto& b) { return a.second > b.second; });
+    fmt::print("ranks at their measured speeds (the profile's): slowest rank {} x{:.3f}, fastest rank {} x{:.3f}\n", slow->first,
+               slow->second, fast->first, fast->second);
+  }
   if (profiled_here) {
     const double m = options.profile->measured_iteration_s();
     fmt::print("the profiled run measured {:.3f} ms per iteration: predicted {:+.1f}%\n", 1e3 * m, 100 * (r.iteration_s - m) / m);

@@ -195,6 +195,37 @@ TEST(Calibration, OpsOfOtherShapesInterpolateAcrossMeasuredSizes) {
   EXPECT_FALSE(back.lookup(rope));
 }
 
+// A rank whose every op took 20% longer than the others' is measured as such, relative to what
+// the signatures' means give, and the file keeps it.
+TEST(Calibration, ARankSlowerThanTheOthersIsMeasuredAsSuch) {
+  const CompiledPlan plan = tp2_pp2();  // ranks 0, 1 share stage 0's ops; 2, 3 stage 1's
+  const fs::path dir = fs::path(::testing::TempDir()) / ("calibration-speed-" + std::to_string(getpid()));
+  const std::vector<fs::path> files = write_traces(plan, dir, 0.0);
+  // Rank 1 again, every duration 1.2 times.
+  ChromeTrace slow(plan, {1, "mpi", "cpu", false});
+  const Program& prog = plan.program_of(1);
+  std::vector<OpTiming> t(prog.ops.size());
+  double clock = 0;
+  for (std::size_t i = 0; i < prog.ops.size(); ++i) {
+    t[i] = {clock, clock + 1.2 * fake_duration(prog.ops[i])};
+    clock = t[i].end;
+  }
+  slow.add_iteration(0, t);
+  slow.write(files[1]);
+  CalibrationProfile profile;
+  profile.add_traces(plan, files);
+  const std::map<int, double> speeds = profile.rank_speeds();
+  ASSERT_EQ(speeds.size(), 4u);
+  // Ranks 0 and 1 run the same program, so their ratio is exactly the slowdown; rank 1 pulls the
+  // means of the signatures it shares up, so the others come out a little faster than 1.
+  EXPECT_NEAR(speeds.at(1) / speeds.at(0), 1.2, 1e-9);
+  EXPECT_NEAR(speeds.at(2), speeds.at(3), 1e-12);
+  EXPECT_LT(speeds.at(0), 1.0);
+  EXPECT_LT(speeds.at(2), 1.0);
+  profile.write(dir / "profile.json");
+  EXPECT_EQ(CalibrationProfile::read(dir / "profile.json").rank_speeds(), speeds);
+}
+
 TEST(Calibration, CollectivesInterpolateTheCommBenchmark) {
   const fs::path dir = fs::path(::testing::TempDir()) / ("calibration-comm-" + std::to_string(getpid()));
   fs::create_directories(dir);
