@@ -56,11 +56,6 @@ void Executor::enable_heartbeat(const std::filesystem::path& dir) {
     if (c) c->set_on_wait([this] { heartbeat_->beat(iteration_, current_op_); });
 }
 
-void Executor::align_start(Communicator* world) {
-  align_ = world;
-  if (heartbeat_ && world) world->set_on_wait([this] { heartbeat_->beat(iteration_, current_op_); });  // alive while it waits
-}
-
 std::vector<OpTiming> Executor::run_iteration() {
   try {
     auto t = run_ops();
@@ -85,8 +80,6 @@ std::vector<OpTiming> Executor::run_ops() {
   timings_.assign(program_.ops.size(), {});
   host_.assign(program_.ops.size(), 0.0);
   if (heartbeat_) heartbeat_->beat(iteration_, 0, true);  // every iteration's start is on record
-  current_op_ = 0;
-  if (align_) align_->barrier();
   // Gradients accumulate over the iteration's micro-batches, from zero.
   for (std::uint32_t t = 0; t < program_.tensors.size(); ++t)
     if (program_.tensors[t].cls == TensorClass::Gradient) std::memset(arena_.bytes(t).data(), 0, arena_.bytes(t).size());

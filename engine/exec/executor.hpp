@@ -52,11 +52,6 @@ class Executor {
 
   // Keeps a heartbeat file in `dir` (shared by all ranks of the run) while running.
   void enable_heartbeat(const std::filesystem::path& dir);
-  // Every iteration starts with a barrier on `world` (all the job's ranks), before anything is
-  // timed: each rank's iteration then spans the program alone, from a common start, which is
-  // what a replay predicts. Without it a rank that leaves the previous iteration's bookkeeping
-  // late makes the others wait at their first collective, inside their span.
-  void align_start(Communicator* world);
 
   TensorArena& arena() { return arena_; }
   const MemoryPlan& memory() const { return memory_; }
@@ -100,7 +95,6 @@ class Executor {
   std::vector<InFlight> in_flight_;
   std::vector<OpTiming> timings_;
   std::vector<double> host_;
-  Communicator* align_ = nullptr;
   double epoch_;
   std::filesystem::path heartbeat_dir_;
   std::optional<Heartbeat> heartbeat_;

@@ -150,7 +150,6 @@ TrainResult train(const TrainConfig& c, const MpiRuntime& mpi, const std::functi
   backend.initialize(executor.arena());
   fs::create_directories(c.out_dir);
   executor.enable_heartbeat(c.out_dir / "heartbeats");
-  executor.align_start(world.get());
   world->barrier();
 
   // Resume: the latest checkpoint whose commit marker exists.
