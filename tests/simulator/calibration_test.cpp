@@ -139,6 +139,52 @@ TEST(Calibration, MeansSpreadsAndTheirFile) {
 // did: kernels that cost a fixed overhead plus a rate times their work come out exact, inside
 // the measured sizes or beyond them; a family measured at one size takes the overhead the others
 // show, and says it is unsure.
+// Each traced iteration keeps its own durations and its own measured span, and a replay of each
+// costs its ops as that iteration recorded them: rank 1 slow in the second iteration only makes
+// only the second replay slower.
+TEST(Calibration, AVerbatimReplayKeepsEachIterationApart) {
+  const CompiledPlan plan = tp2_pp2();
+  const fs::path dir = fs::path(::testing::TempDir()) / ("verbatim-iterations-" + std::to_string(getpid()));
+  fs::create_directories(dir);
+  std::vector<fs::path> files;
+  for (int r = 0; r < plan.topology.world_size(); ++r) {
+    const Program& prog = plan.program_of(r);
+    ChromeTrace trace(plan, {r, "mpi", "cpu", false});
+    double clock = 0;
+    for (int it = 0; it < 2; ++it) {
+      std::vector<OpTiming> t(prog.ops.size());
+      for (std::size_t i = 0; i < prog.ops.size(); ++i) {
+        const double d = fake_duration(prog.ops[i]) * (it == 1 && r == 1 ? 2.0 : 1.0);
+        t[i] = {clock, clock + d};
+        clock += d;
+      }
+      trace.add_iteration(it, t);
+      clock += 1e-3;  // the trainer's bookkeeping between iterations
+    }
+    files.push_back(dir / ("trace_rank" + std::to_string(r) + ".json"));
+    trace.write(files.back());
+  }
+  const std::vector<RecordedIteration> its = recorded_iterations(plan, files);
+  ASSERT_EQ(its.size(), 2u);
+  EXPECT_EQ(its[0].iteration, 0);
+  EXPECT_EQ(its[1].iteration, 1);
+  EXPECT_GT(its[1].measured_s, its[0].measured_s);
+  const Program& prog = plan.program_of(1);
+  for (std::size_t i = 0; i < prog.ops.size(); ++i) {
+    if (is_comm(prog.ops[i].kind)) continue;
+    // Both carry the run's dispatch gap; the second iteration's op took its duration twice.
+    EXPECT_NEAR(its[1].op_seconds[1][i] - its[0].op_seconds[1][i], fake_duration(prog.ops[i]), 1e-12) << prog.name_of(prog.ops[i]);
+  }
+  const SpecCatalog cat(PX_DATASETS_DIR);
+  double predicted[2];
+  for (int it = 0; it < 2; ++it) {
+    SimOptions o;
+    o.recorded = its[static_cast<std::size_t>(it)].op_seconds;
+    predicted[it] = simulate(plan, cat.cluster("h100-8"), o).iteration_s;
+  }
+  EXPECT_GT(predicted[1], 1.2 * predicted[0]);
+}
+
 TEST(Calibration, OpsOfOtherShapesInterpolateAcrossMeasuredSizes) {
   const SpecCatalog cat(PX_DATASETS_DIR);
   const ModelSpec m = cat.model("tiny-gpt");
