@@ -16,10 +16,13 @@
 #              never measured interpolated from the sizes it did); reported.
 # usage: benchmarks/replay_vs_engine.sh MPIEXEC PARALLAX COMM_BENCH WORKDIR
 #   e.g. benchmarks/replay_vs_engine.sh mpirun build/engine/cli/parallax build/benchmarks/comm_bench /tmp/rve
-# Run it on an otherwise idle machine: the runs are timed.
+# Run it on an otherwise idle machine: the runs are timed. With REPLAY_ONLY=1 it keeps WORKDIR's
+# runs and comm table and only replays them: replays are deterministic, so two builds of the
+# simulator compare side by side on the same measurements, free of the machine's noise.
 set -uo pipefail
 mpiexec=$1 parallax=$2 comm_bench=$3 dir=$4
-rm -rf "$dir" && mkdir -p "$dir"
+replay_only=${REPLAY_ONLY:-0}
+[ "$replay_only" = 1 ] || { rm -rf "$dir" && mkdir -p "$dir"; }
 plans=(
   "1|tiny-gpt|--dp 1 --global-batch 4 --micro-batch 2"
   "1|tiny-llama|--dp 1 --global-batch 4 --micro-batch 1"
@@ -37,7 +40,8 @@ plans=(
   "2|tiny-moe|--dp 2 --ep 2 --global-batch 4 --micro-batch 1"
 )
 # The collectives' and messages' own cost on this machine, for the profiles.
-"$mpiexec" -np 2 --oversubscribe "$comm_bench" -b 4 -e 4194304 -f 4 -n 100 -w 10 -c all --json "$dir/comm.json" > "$dir/comm.log" 2>&1 ||
+[ "$replay_only" = 1 ] ||
+  "$mpiexec" -np 2 --oversubscribe "$comm_bench" -b 4 -e 4194304 -f 4 -n 100 -w 10 -c all --json "$dir/comm.json" > "$dir/comm.log" 2>&1 ||
   { cat "$dir/comm.log"; echo "FAIL: comm benchmark"; exit 1; }
 verbatim=() by_iteration=() calibrated=() crossed=()
 declare -A one_rank  # model -> the profile of its one-rank run
@@ -49,8 +53,9 @@ for i in "${!plans[@]}"; do
   IFS='|' read -r np model flags <<< "${plans[$i]}"
   run="$dir/run$i"
   # shellcheck disable=SC2086
-  "$mpiexec" -np "$np" --oversubscribe "$parallax" train --model "$model" $flags --iterations 34 --trace-iterations 30 \
-    --out "$run" --log-every 1000 > "$run.log" 2>&1 || { cat "$run.log"; echo "FAIL: training run $i"; exit 1; }
+  [ "$replay_only" = 1 ] ||
+    "$mpiexec" -np "$np" --oversubscribe "$parallax" train --model "$model" $flags --iterations 34 --trace-iterations 30 \
+      --out "$run" --log-every 1000 > "$run.log" 2>&1 || { cat "$run.log"; echo "FAIL: training run $i"; exit 1; }
   # shellcheck disable=SC2086
   "$parallax" calibrate --model "$model" $flags --traces "$run"/trace_rank*.json --comm-bench "$dir/comm.json" \
     --out "$run/profile.json" > /dev/null || exit 1
