@@ -6,6 +6,9 @@
 // give the same output, bit for bit, and a whole compiled plan replays on an H100 node.
 #include <gtest/gtest.h>
 
+#include <functional>
+#include <vector>
+
 #include "engine/plan/compiler.hpp"
 #include "engine/spec/spec_yaml.hpp"
 #include "engine/spec/validate.hpp"
@@ -190,6 +193,28 @@ TEST(Replay, PipelineOfKnownStageTimesHasTheOneFOneBBubble) {
   EXPECT_GT(r.breakdown.bubble_s, 0.0);
 }
 
+// A hand-made op and the ops (indices into its program) it must wait for besides its stream's.
+struct HandOp {
+  Op op;
+  std::vector<std::uint32_t> deps;
+};
+
+// Replaces every role's program by the ops `make` gives for its stage.
+void replace_programs(CompiledPlan& plan, const std::function<std::vector<HandOp>(int stage)>& make) {
+  for (Program& prog : plan.roles) {
+    Program p;
+    p.pp_stage = prog.pp_stage;
+    p.names = {"op"};
+    for (HandOp& h : make(prog.pp_stage)) {
+      h.op.deps_begin = static_cast<std::uint32_t>(p.deps.size());
+      p.deps.insert(p.deps.end(), h.deps.begin(), h.deps.end());
+      h.op.deps_end = static_cast<std::uint32_t>(p.deps.size());
+      p.ops.push_back(h.op);
+    }
+    prog = std::move(p);
+  }
+}
+
 TEST(Replay, InOrderIssueProgressesCommunicationOnlyBetweenTheHostsOps) {
   // Each of two data-parallel ranks posts a small all-reduce, runs a compute op, then one that
   // needs the all-reduce. Rank 0's first op is five times slower. GPU-style streams finish the
@@ -199,10 +224,7 @@ TEST(Replay, InOrderIssueProgressesCommunicationOnlyBetweenTheHostsOps) {
     p.data_parallel_size = 2;
     p.global_batch_size = 2;
   });
-  for (Program& prog : plan.roles) {
-    Program p;
-    p.pp_stage = prog.pp_stage;
-    p.names = {"op"};
+  replace_programs(plan, [](int) {
     Op reduce;
     reduce.kind = OpKind::AllReduce;
     reduce.group = GroupKind::DP;
@@ -211,13 +233,8 @@ TEST(Replay, InOrderIssueProgressesCommunicationOnlyBetweenTheHostsOps) {
     Op compute;
     compute.kind = OpKind::Gemm;
     compute.layer = 0;
-    Op after = compute;
-    p.deps = {0};
-    after.deps_begin = 0;
-    after.deps_end = 1;
-    p.ops = {reduce, compute, after};
-    prog = std::move(p);
-  }
+    return std::vector<HandOp>{{reduce, {}}, {compute, {}}, {compute, {0}}};
+  });
   const double c = 1e-3;
   SimOptions o;
   o.op_cost = [c](const Program&, const Op&) { return c; };
@@ -238,27 +255,18 @@ TEST(Replay, InOrderIssueEndsAMessageAtTheReceiversProgressAndItsSendAtTheSender
     p.pipeline_model_parallel_size = 2;
     p.global_batch_size = 2;
   });
-  for (Program& prog : plan.roles) {
-    Program p;
-    p.pp_stage = prog.pp_stage;
-    p.names = {"op"};
+  replace_programs(plan, [](int stage) {
     Op message;
-    message.kind = prog.pp_stage == 0 ? OpKind::Send : OpKind::Recv;
+    message.kind = stage == 0 ? OpKind::Send : OpKind::Recv;
     message.group = GroupKind::PP;
-    message.peer = prog.pp_stage == 0 ? 1 : -1;
-    message.stream = prog.pp_stage == 0 ? Stream::PipeSendNext : Stream::PipeRecvPrev;
+    message.peer = stage == 0 ? 1 : -1;
+    message.stream = stage == 0 ? Stream::PipeSendNext : Stream::PipeRecvPrev;
     message.comm_bytes = 1024;
     Op compute;
     compute.kind = OpKind::Gemm;
-    compute.layer = prog.pp_stage;
-    if (prog.pp_stage == 1) {
-      p.deps = {0};
-      compute.deps_begin = 0;
-      compute.deps_end = 1;
-    }
-    p.ops = {message, compute};
-    prog = std::move(p);
-  }
+    compute.layer = stage;
+    return std::vector<HandOp>{{message, {}}, {compute, stage == 1 ? std::vector<std::uint32_t>{0} : std::vector<std::uint32_t>{}}};
+  });
   const double c = 1e-3;
   SimOptions o;
   o.op_cost = [c](const Program& p, const Op&) { return p.pp_stage == 0 ? 5 * c : c; };
