@@ -8,16 +8,11 @@
 #include <fstream>
 
 #include "engine/core/error.hpp"
+#include "engine/core/stats.hpp"
 #include "engine/plan/plan_summary.hpp"
 
 namespace px::sim {
 namespace {
-
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  const std::size_t n = v.size();
-  return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
-}
 
 double mean(const std::vector<double>& v) {
   double sum = 0;
@@ -29,28 +24,31 @@ double mean(const std::vector<double>& v) {
 
 OpContext op_context(const CompiledPlan& plan, int rank) { return {plan.topology.coord(rank).cp, plan.plan.cp()}; }
 
+namespace {
+// A context-parallel attention ring step's key block against its queries: "/past", "/diagonal" or
+// "/future"; "" for any other op.
+const char* ring_place(const Op& op, OpContext where) {
+  if (op.kind != OpKind::AttentionCore || where.cp <= 1) return "";
+  const int keys = ((where.cp_index - op.step) % where.cp + where.cp) % where.cp;  // whose block this step sees
+  return keys == where.cp_index ? "/diagonal" : keys < where.cp_index ? "/past" : "/future";
+}
+}  // namespace
+
 std::string op_signature(const Op& op, OpContext where) {
   // The FLOPs too: an attention's forward and backward share shapes and bytes, not work.
   std::string s = fmt::format("{}/{}/{}x{}x{}x{}/{}/r{}w{}/f{:.0f}", to_string(op.kind), static_cast<int>(op.variant), op.m, op.n,
                               op.k, op.batch, to_string(op.dtype), op.bytes_read, op.bytes_written, op.flops + op.vector_flops);
   if (is_comm(op.kind)) s += fmt::format("/c{}", op.comm_bytes);
-  if (op.kind == OpKind::AttentionCore && where.cp > 1) {
-    const int keys = ((where.cp_index - op.step) % where.cp + where.cp) % where.cp;  // whose block this step sees
-    s += keys == where.cp_index ? "/diagonal" : keys < where.cp_index ? "/past" : "/future";
-  }
-  return s;
+  return s + ring_place(op, where);
 }
 
 std::string op_family(const Op& op, OpContext where) {
-  const std::string sig = op_signature(op, where);
-  const auto place = sig.rfind('/');
-  const bool cp_step = op.kind == OpKind::AttentionCore && where.cp > 1;
   // A forward kernel and its backward share kind and variant but not their code.
   const char* direction = op.phase == Phase::Forward || op.phase == Phase::Recompute ? "forward"
                           : op.phase == Phase::Optimizer                            ? "optimizer"
                                                                                     : "backward";
   return fmt::format("{}/{}/{}/{}{}", to_string(op.kind), static_cast<int>(op.variant), to_string(op.dtype), direction,
-                     cp_step ? sig.substr(place) : "");
+                     ring_place(op, where));
 }
 
 namespace {
@@ -169,7 +167,7 @@ std::vector<RecordedIteration> recorded_iterations(const CompiledPlan& plan, con
     if (file_of[k].empty())
       throw Error(ErrorKind::Usage, {}, fmt::format("no trace of rank {}: a verbatim replay needs every rank's trace", k),
                   "pass all the trace_rank*.json files of the run");
-  const double gap = gaps.empty() ? 0.0 : median(gaps);
+  const double gap = median(gaps);
   std::vector<RecordedIteration> out;
   for (auto& [it, r] : its) {
     for (std::size_t k = 0; k < world; ++k) {
@@ -297,7 +295,7 @@ double CalibrationProfile::measured_iteration_s() const {
 
 double CalibrationProfile::dispatch_gap_s() const {
   if (gap_) return *gap_;
-  return gaps_.empty() ? 0.0 : median(gaps_);
+  return median(gaps_);
 }
 
 void CalibrationProfile::finalize() const {
@@ -369,7 +367,7 @@ void CalibrationProfile::fit_families() const {
   std::vector<double> overheads;
   for (const auto& [name, f] : families_)
     if (f.points.size() >= 2 && f.rate > 0) overheads.push_back(f.overhead);
-  const double overhead = overheads.empty() ? 0.0 : median(overheads);
+  const double overhead = median(overheads);
   for (auto& [name, f] : families_) {
     if (f.points.size() != 1) continue;
     const Point& q = f.points.front();

@@ -60,11 +60,13 @@ struct CostModelOptions {
 
 struct OpCost {
   double seconds = 0;
-  // "measured", "measured-interpolated" (from other sizes of its kind), "gemm-curve", "roofline-compute", "roofline-memory", "gemm-curve+memory" (unfused
-  // attention), "pcie", "host", "free"
+  // "measured", "measured-interpolated" (from other sizes of its kind), "gemm-curve",
+  // "roofline-compute", "roofline-memory", "gemm-curve+memory" (unfused attention), "pcie", "host", "free"
   std::string_view model;
   double spread = 0;       // measured: the samples' relative spread (the lookup's fit residual), plus
                            // the interpolation's residual for an interpolated one
+  // Costed from a calibration profile (its own signature or interpolated): `spread` is its error.
+  bool measured() const { return model == "measured" || model == "measured-interpolated"; }
 };
 
 class CostModel {

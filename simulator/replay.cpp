@@ -54,7 +54,6 @@ struct UnitSignal {
 // this state without locks; a stream that must wait suspends itself and is resumed by the stream
 // that changes what it waits for (a mutex and condition variable cost several context switches
 // per op, most of a large replay's time).
-
 struct RankState {
   std::vector<char> done;
   std::uint32_t issue = 0;  // in-order issue: the next op the host thread may issue
@@ -867,7 +866,7 @@ SimResult run_replay(const CompiledPlan& plan, const ClusterSpec& cluster, const
       const OpCost c = costs.cost(op, op_context(plan, r.slowest_rank));
       all += c.seconds;
       r.cost_models[std::string(c.model)] += c.seconds;
-      if (c.model == "measured" || c.model == "measured-interpolated") {
+      if (c.measured()) {
         measured += c.seconds;
         spread += c.seconds * c.spread;
         if (c.model == "measured-interpolated") interpolated += c.seconds;

@@ -29,6 +29,7 @@
 #include "engine/backends/cuda/check.hpp"
 #include "engine/backends/cuda/device_buffer.hpp"
 #include "engine/backends/cuda/gemm.hpp"
+#include "engine/core/stats.hpp"
 
 namespace {
 
@@ -119,12 +120,6 @@ DeviceBuffer<T> random_buffer(i64 count) {
   for (std::size_t at = 0; at < b.size(); at += pool.size())
     PX_CUDA_CHECK(cudaMemcpy(b.data() + at, pool.data(), std::min(pool.size(), b.size() - at) * sizeof(T), cudaMemcpyHostToDevice));
   return b;
-}
-
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  const std::size_t h = v.size() / 2;
-  return v.size() % 2 ? v[h] : 0.5 * (v[h - 1] + v[h]);
 }
 
 void run(benchmark::State& state, const Layer& L, Pass pass) {
@@ -218,7 +213,7 @@ void run(benchmark::State& state, const Layer& L, Pass pass) {
     state.SetIterationTime(ours_s.back());
   }
   if (ours_s.empty()) return;
-  const double t_ours = median(ours_s), t_cublas = median(cublas_s);
+  const double t_ours = px::median(ours_s), t_cublas = px::median(cublas_s);
   state.counters["TFLOPs"] = flops / t_ours * 1e-12;
   state.counters["cublas_TFLOPs"] = flops / t_cublas * 1e-12;
   state.counters["vs_cublas"] = t_cublas / t_ours;

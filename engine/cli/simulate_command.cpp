@@ -10,6 +10,7 @@
 
 #include "engine/cli/commands.hpp"
 #include "engine/core/error.hpp"
+#include "engine/core/stats.hpp"
 #include "engine/plan/compiler.hpp"
 #include "engine/plan/memory_planner.hpp"
 #include "engine/plan/plan_summary.hpp"
@@ -150,8 +151,7 @@ int simulate(const Options& o) {
   if (!recorded.empty()) {
     std::vector<double> e;
     for (std::size_t k = 0; k < recorded.size(); ++k) e.push_back((predicted[k] - recorded[k].measured_s) / recorded[k].measured_s);
-    std::sort(e.begin(), e.end());
-    median_error = e.size() % 2 ? e[e.size() / 2] : 0.5 * (e[e.size() / 2 - 1] + e[e.size() / 2]);
+    median_error = median(std::move(e));
   }
   if (predicted.size() > 1) {
     const double n = static_cast<double>(predicted.size()), first = predicted.front();
@@ -179,11 +179,11 @@ int simulate(const Options& o) {
                                               plan.topology.world_size(), cluster.gpu.peak_bf16_tflops, cluster.gpu.name);
   if (!o.sim.trace_out.empty()) {
     std::filesystem::create_directories(o.sim.trace_out);
+    // Each compute op says which cost model timed it, and how sure that model is.
+    const sim::CostModel costs(cluster.gpu, cluster.node, options.cost, options.profile ? &*options.profile : nullptr);
     for (std::size_t k = 0; k < r.traced_ranks.size(); ++k) {
       ChromeTrace trace(plan, {r.traced_ranks[k], "nccl", cluster.gpu.name, true});
-      // Each compute op says which cost model timed it, and how sure that model is.
       const Program& prog = plan.program_of(r.traced_ranks[k]);
-      const sim::CostModel costs(cluster.gpu, cluster.node, options.cost, options.profile ? &*options.profile : nullptr);
       std::vector<nlohmann::json> args(prog.ops.size());
       for (std::size_t i = 0; i < prog.ops.size(); ++i) {
         if (is_comm(prog.ops[i].kind)) continue;
@@ -193,7 +193,7 @@ int simulate(const Options& o) {
         }
         const sim::OpCost c = costs.cost(prog.ops[i], sim::op_context(plan, r.traced_ranks[k]));
         args[i] = {{"cost model", std::string(c.model)},
-                   {"cost residual", c.model == "measured" || c.model == "measured-interpolated" ? c.spread : options.cost.roofline_uncertainty}};
+                   {"cost residual", c.measured() ? c.spread : options.cost.roofline_uncertainty}};
       }
       trace.add_iteration(0, r.timings[k], 0.0, {}, args);
       trace.write(std::filesystem::path(o.sim.trace_out) / fmt::format("trace_rank{:05d}.json", r.traced_ranks[k]));
@@ -282,12 +282,11 @@ int simulate(const Options& o) {
     const double m = options.profile->measured_iteration_s();
     fmt::print("the profiled run measured {:.3f} ms per iteration: predicted {:+.1f}%\n", 1e3 * m, 100 * (r.iteration_s - m) / m);
   }
-  if (!recorded.empty())
+  if (!recorded.empty()) {
     fmt::print("the recorded run measured {:.3f} ms per iteration (mean of the {} replayed): predicted {:+.1f}%; iteration by iteration, median error {:+.1f}%\n",
                1e3 * measured, recorded.size(), 100 * (r.iteration_s - measured) / measured, 100 * median_error);
-  if (!recorded.empty())
     fmt::print("costs: verbatim, each op as its rank recorded it in each iteration ({} traces)", o.sim.replay_traces.size());
-  else if (o.sim.profile.empty())
+  } else if (o.sim.profile.empty())
     fmt::print("costs: roofline (no calibration profile)");
   else
     fmt::print("costs: {:.1f}% of the slowest rank's compute measured ({}; {:.1f}% interpolated from other sizes; spread {:.1f}%), the rest roofline",

@@ -16,6 +16,7 @@
 
 #include "engine/core/error.hpp"
 #include "engine/core/hash.hpp"
+#include "engine/core/stats.hpp"
 #include "engine/exec/executor.hpp"
 #include "engine/exec/token_data.hpp"
 #include "engine/plan/compiler.hpp"
@@ -114,12 +115,6 @@ void maybe_inject_fault(int rank, int iteration) {
   if (std::strcmp(what, "kill") == 0) std::raise(SIGKILL);
   if (std::strcmp(what, "hang") == 0)
     for (;;) pause();
-}
-
-double median(std::vector<double> v) {
-  if (v.empty()) return 0;
-  std::sort(v.begin(), v.end());
-  return v.size() % 2 ? v[v.size() / 2] : 0.5 * (v[v.size() / 2 - 1] + v[v.size() / 2]);
 }
 
 }  // namespace
