@@ -57,77 +57,20 @@ Operands operands(const Program& prog, const Op& op) {
 }  // namespace
 
 CpuBackend::CpuBackend(const CompiledPlan& plan, int rank, const TokenSource& data, const TrainOptions& options)
-    : plan_(plan),
-      program_(plan.program_of(rank)),
-      rank_(rank),
-      coord_(plan.topology.coord(rank)),
-      data_(data),
-      opt_(options),
-      params_(model_parameters(plan.model, plan.padded_vocab)),
-      dims_(param_dims(plan.model, plan.padded_vocab)),
-      z_(local_dims(plan.model, plan.plan, plan.padded_vocab)) {
+    : plan_(plan), program_(plan.program_of(rank)), ctx_(plan, rank, data, options.seed), opt_(options), z_(ctx_.dims()) {
   set_gemm_threads(1);
   for (std::uint32_t t = 0; t < program_.tensors.size(); ++t)
     if (program_.tensors[t].cls == TensorClass::Optimizer) optimizer_ = t;
-  const ModelSpec& m = plan.model;
-  if (m.attention_dropout > 0)
-    throw Error(ErrorKind::Usage, {m.file, 0, 0, -1}, "the CPU engine has no attention dropout", "set attention_dropout: 0");
-  if (m.num_query_groups % plan.plan.tp() != 0)
-    throw Error(ErrorKind::Usage, {m.file, 0, 0, -1}, "the CPU engine needs query groups divisible by tp",
-                "choose tp dividing num_query_groups");
-  if (data.vocab_size() > m.vocab_size)
-    throw Error(ErrorKind::Usage, {m.file, 0, 0, -1},
-                fmt::format("the data has {} token ids but the model's vocabulary is {}", data.vocab_size(), m.vocab_size),
-                "use a model whose vocab_size covers the data");
-}
-
-int CpuBackend::group_index(GroupKind g) const { return plan_.topology.group_index(g, rank_); }
-
-bool CpuBackend::reports_loss() const { return coord_.tp == 0 && coord_.pp == plan_.plan.pp() - 1; }
-
-const LogicalParam& CpuBackend::slot_param(const ParamBuffer& b, const ParamSlot& s) const {
-  if (b.shard_group != GroupKind::ExpertDP) return params_[s.param];
-  // Slots name experts 0..E/ep-1; this rank holds experts ep_rank·E/ep onwards.
-  const i64 per_expert = plan_.model.add_bias_linear ? 4 : 2;
-  const i64 local = plan_.model.moe->num_experts / plan_.plan.ep();
-  return params_[static_cast<std::size_t>(s.param + coord_.ep * local * per_expert)];
-}
-
-CpuBackend::OwnedRange CpuBackend::optimizer_range(const ParamBuffer& b) const {
-  if (!b.optimizer_sharded) return {0, b.padded};
-  const i64 block = b.padded / plan_.topology.size(b.shard_group);
-  const i64 i = group_index(b.shard_group);
-  return {i * block, (i + 1) * block};
-}
-
-CpuBackend::OwnedRange CpuBackend::owned(const ParamBuffer& b, const ParamSlot& s) const {
-  const OwnedRange none{s.offset, s.offset};
-  if (b.name == "word_embedding_copy") return none;  // the first stage counts the tied table
-  if (b.shard_group == GroupKind::DP && params_[s.param].split == TpSplit::Replicated && coord_.tp != 0) return none;
-  if (!b.optimizer_sharded) return group_index(b.shard_group) == 0 ? OwnedRange{s.offset, s.offset + s.count} : none;
-  const OwnedRange r = optimizer_range(b);
-  const i64 begin = std::max(s.offset, r.begin), end = std::min(s.offset + s.count, r.end);
-  return begin < end ? OwnedRange{begin, end} : none;
 }
 
 void CpuBackend::initialize(TensorArena& arena) {
-  const Sizes& z = z_;
   host_weights_.clear();
   for (const ParamBuffer& b : program_.buffers) {
     auto w = arena.floats(b.weight);
-    const i64 base = b.weight_sharded ? optimizer_range(b).begin : 0;
-    std::fill(w.begin(), w.end(), 0.0f);
-    for (const ParamSlot& s : b.slots) {
-      const LogicalParam& p = slot_param(b, s);
-      for (i64 li = 0; li < s.count; ++li) {
-        const i64 i = s.offset + li - base;
-        if (i < 0 || i >= static_cast<i64>(w.size())) continue;
-        const i64 gi = b.shard_group == GroupKind::ExpertDP ? li : global_index(p, dims_, z.tp, coord_.tp, li);
-        w[static_cast<std::size_t>(i)] = static_cast<float>(initial_value(p, gi, opt_.seed));
-      }
-    }
+    ctx_.initial_weights(b, w);
     if (plan_.plan.optimizer_offload) {
-      const OwnedRange r = optimizer_range(b);
+      const OwnedRange r = ctx_.optimizer_range(b);
+      const i64 base = b.weight_sharded ? r.begin : 0;
       for (i64 i = r.begin; i < r.end; ++i) host_weights_.push_back(w[static_cast<std::size_t>(i - base)]);
     }
   }
@@ -138,57 +81,16 @@ void CpuBackend::initialize(TensorArena& arena) {
 }
 
 void CpuBackend::begin_iteration(std::int64_t iteration) {
-  iteration_ = iteration;
-  micro_batch_ = -1;
+  ctx_.begin_iteration(iteration);
   loss_ = {};
   step_ = iteration + 1;
-}
-
-void CpuBackend::fetch_micro_batch(std::int32_t mb) {
-  if (mb == micro_batch_ || mb < 0) return;
-  micro_batch_ = mb;
-  const Sizes& z = z_;
-  const int dp = plan_.plan.dp(), dp_rank = plan_.topology.dp_rank(coord_);
-  tokens_.assign(static_cast<std::size_t>(z.T), 0);
-  targets_.assign(static_cast<std::size_t>(z.T), 0);
-  positions_.assign(static_cast<std::size_t>(z.T), 0);
-  samples_.assign(static_cast<std::size_t>(z.b), 0);
-  std::vector<std::int32_t> seq(static_cast<std::size_t>(z.s)), next(static_cast<std::size_t>(z.s));
-  for (i64 j = 0; j < z.b; ++j) {
-    // Megatron's sampler: micro-batch mb of data-parallel rank r holds samples (mb·dp + r)·b + j.
-    const i64 sample = (static_cast<i64>(mb) * dp + dp_rank) * z.b + j;
-    samples_[static_cast<std::size_t>(j)] = sample;
-    data_.sample(iteration_, sample, seq, next);
-    for (i64 si = 0; si < z.S; ++si) {
-      const i64 pos = coord_.cp * z.S + si;
-      const auto row = static_cast<std::size_t>(si * z.b + j);
-      tokens_[row] = seq[static_cast<std::size_t>(pos)];
-      targets_[row] = next[static_cast<std::size_t>(pos)];
-      positions_[row] = static_cast<std::int32_t>(pos);
-    }
-  }
-}
-
-std::vector<std::uint64_t> CpuBackend::dropout_keys(const Op& op, i64 rows) const {
-  const Sizes& z = z_;
-  const DropoutSite site = op.variant == Variant::EmbeddingDropout ? DropoutSite::Embedding
-                           : op.variant == Variant::AttentionResidual ? DropoutSite::Attention
-                                                                      : DropoutSite::Mlp;
-  const i64 first = z.sp && rows == z.Tres ? coord_.tp * z.Tres : 0;  // the sequence shard's rows
-  std::vector<std::uint64_t> keys(static_cast<std::size_t>(rows));
-  for (i64 r = 0; r < rows; ++r) {
-    const i64 row = first + r, si = row / z.b, j = row % z.b;
-    keys[static_cast<std::size_t>(r)] =
-        dropout_row_key(iteration_, op.layer, site, samples_[static_cast<std::size_t>(j)], coord_.cp * z.S + si);
-  }
-  return keys;
 }
 
 void CpuBackend::run(const Program& program, std::uint32_t index, TensorArena& arena) {
   assert(&program == &program_);
   const Op& op = program.ops[index];
   op_ = &op;
-  fetch_micro_batch(op.micro_batch);
+  ctx_.fetch_micro_batch(op.micro_batch);
   switch (op.kind) {
     case OpKind::Embedding: embedding(op, arena); break;
     case OpKind::Norm: norm(op, arena); break;
@@ -216,22 +118,22 @@ void CpuBackend::run(const Program& program, std::uint32_t index, TensorArena& a
 void CpuBackend::embedding(const Op& op, TensorArena& arena) {
   const Sizes& z = z_;
   const Operands o = operands(program_, op);
-  const i64 vocab_begin = coord_.tp * z.V_l;
+  const i64 vocab_begin = ctx_.coord().tp * z.V_l;
   if (forward_phase(op.phase)) {
     // Positions are added on one tensor-parallel rank: the TP reduction after the lookup sums the ranks.
-    const CF pos = o.in.size() > 1 && coord_.tp == 0 ? CF(view(arena, o.in[1])) : CF();
-    embedding_forward<float>(tokens_, positions_, view(arena, o.in[0]), vocab_begin, pos, view(arena, o.out[0]), z.h);
+    const CF pos = o.in.size() > 1 && ctx_.coord().tp == 0 ? CF(view(arena, o.in[1])) : CF();
+    embedding_forward<float>(ctx_.tokens(), ctx_.positions(), view(arena, o.in[0]), vocab_begin, pos, view(arena, o.out[0]), z.h);
     return;
   }
   const CF dy = view(arena, o.in[0]);
-  embedding_backward<float>(dy, tokens_, positions_, view(arena, o.out[0]), vocab_begin, {}, z.h);
+  embedding_backward<float>(dy, ctx_.tokens(), ctx_.positions(), view(arena, o.out[0]), vocab_begin, {}, z.h);
   if (o.out.size() < 2) return;
   // The position table's gradient from the rows this rank's sequence shard holds: without SP every
   // TP rank holds them all (replicas agree); with SP the shards are summed over TP later.
-  const i64 first = z.sp ? coord_.tp * z.Tres : 0, rows = z.sp ? z.Tres : z.T;
+  const i64 first = z.sp ? ctx_.coord().tp * z.Tres : 0, rows = z.sp ? z.Tres : z.T;
   const auto r0 = static_cast<std::size_t>(first), n = static_cast<std::size_t>(rows);
   embedding_backward<float>(dy.subspan(r0 * static_cast<std::size_t>(z.h), n * static_cast<std::size_t>(z.h)),
-                            std::span<const std::int32_t>(tokens_).subspan(r0, n), std::span<const std::int32_t>(positions_).subspan(r0, n),
+                            std::span<const std::int32_t>(ctx_.tokens()).subspan(r0, n), std::span<const std::int32_t>(ctx_.positions()).subspan(r0, n),
                             {}, 0, view(arena, o.out[1]), z.h);
 }
 
@@ -335,9 +237,9 @@ void CpuBackend::rope(const Op& op, TensorArena& arena) {
   const Operands o = operands(program_, op);
   const F x = view(arena, o.out[0]);
   if (forward_phase(op.phase))
-    rope_forward<float>(x, op.m, z.qkv_cols, op.n / z.d, z.d, positions_, plan_.model.rope_theta);
+    rope_forward<float>(x, op.m, z.qkv_cols, op.n / z.d, z.d, ctx_.positions(), plan_.model.rope_theta);
   else
-    rope_backward<float>(x, op.m, z.qkv_cols, op.n / z.d, z.d, positions_, plan_.model.rope_theta);
+    rope_backward<float>(x, op.m, z.qkv_cols, op.n / z.d, z.d, ctx_.positions(), plan_.model.rope_theta);
 }
 
 void CpuBackend::attention(const Op& op, TensorArena& arena) {
@@ -349,8 +251,8 @@ void CpuBackend::attention(const Op& op, TensorArena& arena) {
   const CF qkv = view(arena, qkv_use), kvb = view(arena, kv_use);
   const bool packed = kv_use.tensor != qkv_use.tensor;  // a ring block [K | V], not qkv itself
   const i64 kv_ld = packed ? 2 * z.g_l * z.d : z.qkv_cols, k_off = packed ? 0 : z.a_l * z.d, v_off = k_off + z.g_l * z.d;
-  const int src = ((coord_.cp - op.step) % z.cp + z.cp) % z.cp;  // whose block arrives at this step
-  AttentionShape sh{z.b, z.a_l, z.g_l, z.d, z.S, z.S, coord_.cp * z.S, src * z.S};
+  const int src = ((ctx_.coord().cp - op.step) % z.cp + z.cp) % z.cp;  // whose block arrives at this step
+  AttentionShape sh{z.b, z.a_l, z.g_l, z.d, z.S, z.S, ctx_.coord().cp * z.S, src * z.S};
   const QkvView<const float> x{qkv, kvb.subspan(static_cast<std::size_t>(k_off)), kvb.subspan(static_cast<std::size_t>(v_off)), z.qkv_cols,
                                kv_ld, kv_ld};
   const auto lse_count = static_cast<std::size_t>(z.b * z.a_l * z.S);
@@ -432,7 +334,7 @@ void CpuBackend::dropout_add(const Op& op, TensorArena& arena) {
     }
     const CF residual = plain ? CF() : CF(view(arena, o.in[1]));
     if (o.out.size() > 1) {
-      const auto keys = dropout_keys(op, op.m);
+      const auto keys = ctx_.dropout_keys(op, op.m);
       dropout_add_forward<float>(scratch_, residual, out, as<std::uint8_t>(raw(arena, o.out[1])), keys, op.n, p, seed);
     } else {
       for (std::size_t i = 0; i < out.size(); ++i) out[i] = scratch_[i] + (residual.empty() ? 0.0f : residual[i]);
@@ -503,12 +405,12 @@ void CpuBackend::permute(const Op& op, TensorArena& arena) {
 void CpuBackend::cross_entropy(const Op& op, TensorArena& arena) {
   const Sizes& z = z_;
   const Operands o = operands(program_, op);
-  const i64 rows = op.m, cols = op.n, vocab_begin = coord_.tp * z.V_l;
+  const i64 rows = op.m, cols = op.n, vocab_begin = ctx_.coord().tp * z.V_l;
   const auto n = static_cast<std::size_t>(rows);
   if (op.phase == Phase::Forward) {
     if (op.variant == Variant::CrossEntropyPartials) {
       const F sums = view(arena, o.out[0]);
-      cross_entropy_partials<float>(view(arena, o.in[0]), targets_, vocab_begin, view(arena, o.in[1]), sums.first(n), sums.subspan(n, n),
+      cross_entropy_partials<float>(view(arena, o.in[0]), ctx_.targets(), vocab_begin, view(arena, o.in[1]), sums.first(n), sums.subspan(n, n),
                                     rows, cols);
       return;
     }
@@ -517,7 +419,7 @@ void CpuBackend::cross_entropy(const Op& op, TensorArena& arena) {
     std::copy(logits.begin(), logits.end(), saved.begin());
     cross_entropy_row_max<float>(saved, stats.first(n), rows, cols);
     if (op.variant != Variant::CrossEntropyMax)
-      cross_entropy_partials<float>(saved, targets_, vocab_begin, stats.first(n), stats.subspan(n, n), stats.subspan(2 * n, n), rows, cols);
+      cross_entropy_partials<float>(saved, ctx_.targets(), vocab_begin, stats.first(n), stats.subspan(n, n), stats.subspan(2 * n, n), rows, cols);
     return;
   }
   const CF saved = view(arena, o.in[0]), stats = view(arena, o.in[1]);
@@ -529,16 +431,16 @@ void CpuBackend::cross_entropy(const Op& op, TensorArena& arena) {
   // The job's loss is the mean over every token of the global batch.
   const double tokens = static_cast<double>(plan_.plan.global_batch_size) * static_cast<double>(z.s);
   const std::vector<float> dloss(n, static_cast<float>(1.0 / tokens));
-  cross_entropy_backward<float>(saved, targets_, vocab_begin, mx, se, dloss, view(arena, o.out[0]), rows, cols);
+  cross_entropy_backward<float>(saved, ctx_.targets(), vocab_begin, mx, se, dloss, view(arena, o.out[0]), rows, cols);
 }
 
 void CpuBackend::grad_norm_op(TensorArena& arena) {
   double sq = 0;
   for (const ParamBuffer& b : program_.buffers) {
     const auto g = arena.floats(b.grad);
-    const i64 base = b.grad_sharded ? optimizer_range(b).begin : 0;
+    const i64 base = b.grad_sharded ? ctx_.optimizer_range(b).begin : 0;
     for (const ParamSlot& s : b.slots) {
-      const OwnedRange r = owned(b, s);
+      const OwnedRange r = ctx_.owned(b, s);
       for (i64 i = r.begin; i < r.end; ++i) {
         const i64 at = i - base;
         if (at < 0 || at >= static_cast<i64>(g.size())) continue;
@@ -559,7 +461,7 @@ void CpuBackend::adamw(TensorArena& arena, bool on_host) {
   const double clip = clip_coefficient(grad_norm_, opt_.clip_grad);
   std::size_t host_at = 0;
   for (const ParamBuffer& b : program_.buffers) {
-    const OwnedRange r = optimizer_range(b);
+    const OwnedRange r = ctx_.optimizer_range(b);
     const i64 owned = r.end - r.begin;
     F state = on_host ? F(host_state_) : arena.floats(*optimizer_);
     const F m = state.subspan(static_cast<std::size_t>(b.optimizer_offset), static_cast<std::size_t>(owned));
@@ -582,7 +484,7 @@ void CpuBackend::copy_to_host(TensorArena& arena) {
   host_norm_sq_ = view(arena, o.in[0])[0];
   std::size_t at = 0;
   for (const ParamBuffer& b : program_.buffers) {
-    const OwnedRange r = optimizer_range(b);
+    const OwnedRange r = ctx_.optimizer_range(b);
     const auto g = arena.floats(b.grad).subspan(static_cast<std::size_t>(b.grad_sharded ? 0 : r.begin),
                                                 static_cast<std::size_t>(r.end - r.begin));
     std::copy(g.begin(), g.end(), host_grads_.begin() + static_cast<std::ptrdiff_t>(at));
@@ -593,7 +495,7 @@ void CpuBackend::copy_to_host(TensorArena& arena) {
 void CpuBackend::copy_to_device(TensorArena& arena) {
   std::size_t at = 0;
   for (const ParamBuffer& b : program_.buffers) {
-    const OwnedRange r = optimizer_range(b);
+    const OwnedRange r = ctx_.optimizer_range(b);
     const auto w = arena.floats(b.weight).subspan(static_cast<std::size_t>(b.weight_sharded ? 0 : r.begin),
                                                   static_cast<std::size_t>(r.end - r.begin));
     std::copy_n(host_weights_.begin() + static_cast<std::ptrdiff_t>(at), w.size(), w.begin());
@@ -602,24 +504,9 @@ void CpuBackend::copy_to_device(TensorArena& arena) {
 }
 
 void CpuBackend::export_owned(TensorArena& arena, Export what, std::map<std::string, std::vector<double>>& out) const {
-  const Sizes& z = z_;
-  const bool gradients = what == Export::Gradients;
   for (const ParamBuffer& b : program_.buffers) {
-    const bool sharded = gradients ? b.grad_sharded : b.weight_sharded;
-    const auto t = arena.floats(gradients ? b.grad : b.weight);
-    const i64 base = sharded ? optimizer_range(b).begin : 0;
-    for (const ParamSlot& s : b.slots) {
-      const LogicalParam& p = slot_param(b, s);
-      auto& full = out[p.name];
-      if (full.empty()) full.assign(static_cast<std::size_t>(p.count()), 0.0);
-      const OwnedRange r = owned(b, s);
-      for (i64 i = r.begin; i < r.end; ++i) {
-        const i64 li = i - s.offset, at = i - base;
-        if (at < 0 || at >= static_cast<i64>(t.size())) continue;
-        const i64 gi = b.shard_group == GroupKind::ExpertDP ? li : global_index(p, dims_, z.tp, coord_.tp, li);
-        full[static_cast<std::size_t>(gi)] = what == Export::Ownership ? 1.0 : t[static_cast<std::size_t>(at)];
-      }
-    }
+    const bool gradients = what == Export::Gradients;
+    ctx_.export_owned(b, arena.floats(gradients ? b.grad : b.weight), gradients ? b.grad_sharded : b.weight_sharded, what, out);
   }
 }
 

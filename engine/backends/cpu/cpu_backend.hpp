@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "engine/backends/cpu/adamw.hpp"
+#include "engine/backends/cpu/rank_context.hpp"
 #include "engine/exec/executor.hpp"
 #include "engine/exec/token_data.hpp"
 #include "engine/spec/parameters.hpp"
@@ -47,13 +48,13 @@ class CpuBackend final : public ComputeBackend {
   const LossSum& loss() const { return loss_; }
   double grad_norm() const { return grad_norm_; }
   // True where this rank counts tokens for the job's loss (tensor-parallel rank 0 of the last stage).
-  bool reports_loss() const;
+  bool reports_loss() const { return ctx_.reports_loss(); }
 
   // The parameter elements (or their reduced gradients) this rank owns — each element of the
   // model has exactly one owner across the job — written at their global indices into `out`
   // (full-size logical tensors, created zero-filled when missing). Ownership writes 1 for each
   // element owned, so a sum over the job must be 1 everywhere.
-  enum class Export { Weights, Gradients, Ownership };
+  using Export = RankContext::Export;
   void export_owned(TensorArena& arena, Export what, std::map<std::string, std::vector<double>>& out) const;
 
   // The offloaded optimizer's host memory (empty without offload), for checkpoints.
@@ -61,19 +62,7 @@ class CpuBackend final : public ComputeBackend {
   std::vector<float>& host_weights() { return host_weights_; }
 
  private:
-  struct OwnedRange {
-    std::int64_t begin = 0, end = 0;  // buffer elements [begin, end) this rank updates
-  };
-  OwnedRange optimizer_range(const ParamBuffer& b) const;
-  // The elements of slot s (buffer offsets) whose gradient this rank owns: each element of the
-  // model has exactly one owner across the job (its ZeRO block, or rank 0 of the groups that
-  // replicate it; the first stage for a tied embedding).
-  OwnedRange owned(const ParamBuffer& b, const ParamSlot& s) const;
-  const LogicalParam& slot_param(const ParamBuffer& b, const ParamSlot& s) const;
-  int group_index(GroupKind g) const;
-
-  void fetch_micro_batch(std::int32_t micro_batch);
-  std::vector<std::uint64_t> dropout_keys(const Op& op, std::int64_t rows) const;
+  using OwnedRange = RankContext::Range;
 
   void embedding(const Op& op, TensorArena& arena);
   void norm(const Op& op, TensorArena& arena);
@@ -93,20 +82,10 @@ class CpuBackend final : public ComputeBackend {
 
   const CompiledPlan& plan_;
   const Program& program_;
-  int rank_;
-  RankCoord coord_;
-  const TokenSource& data_;
+  RankContext ctx_;
   TrainOptions opt_;
-  std::vector<LogicalParam> params_;
-  ParamDims dims_;
-  LocalDims z_;                               // the rank's sizes, as the compiler derived them
+  const LocalDims& z_;                        // the rank's sizes, as the compiler derived them
   std::optional<std::uint32_t> optimizer_;    // the optimizer-state tensor (none under offload)
-
-  // This rank's view of the current micro-batch: T rows, sequence-major.
-  std::int64_t iteration_ = 0;
-  std::int32_t micro_batch_ = -1;
-  std::vector<std::int32_t> tokens_, targets_, positions_;
-  std::vector<std::int64_t> samples_;  // global sample index of each sequence j
 
   const Op* op_ = nullptr;
   std::vector<float> scratch_;
