@@ -35,6 +35,8 @@ class Communicator {
   virtual int rank() const = 0;  // position in the group
   virtual int size() const = 0;
   virtual const std::string& name() const = 0;  // e.g. "tp#3"
+  // True for a stand-in that serves a missing group (rank emulation): no peer, no wire.
+  virtual bool stand_in() const { return false; }
 
   // Each start_* begins the operation and returns at once; buffers must stay untouched until the
   // handle finishes. The blocking forms below start and wait.

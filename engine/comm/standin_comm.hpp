@@ -21,6 +21,8 @@
 //                      first write, so a fresh received activation reads as zeros; zero-filling here
 //                      would be memory traffic no real receive costs the compute stream.)
 //   barrier            nothing
+// On a device backend's arena (CUDA) the executor calls none of these: its comm ops move no data,
+// every buffer keeps what it holds, which is the all-reduce rule for all of them.
 #pragma once
 
 #include <cstdint>
@@ -38,6 +40,7 @@ class StandInCommunicator final : public Communicator {
   int rank() const override { return rank_; }
   int size() const override { return size_; }
   const std::string& name() const override { return name_; }
+  bool stand_in() const override { return true; }
 
   CommHandlePtr start_all_reduce(std::span<float> buf) override;
   CommHandlePtr start_all_reduce_max(std::span<float> buf) override;

@@ -30,11 +30,12 @@ Executor::Executor(const CompiledPlan& plan, int rank, ComputeBackend& backend, 
       program_(plan.program_of(rank)),
       rank_(rank),
       backend_(backend),
+      device_(backend.arena_memory() != nullptr),
       groups_(groups),
       memory_(plan_memory(program_)),
-      arena_(program_, memory_),
+      arena_(program_, memory_, backend.arena_memory()),
       epoch_(seconds_now()) {
-  if (plan.plan.precision != DType::F32 || plan.plan.grad_dtype != DType::F32)
+  if (!device_ && (plan.plan.precision != DType::F32 || plan.plan.grad_dtype != DType::F32))
     throw Error(ErrorKind::Usage, {}, "the CPU engine executes fp32 plans only", "set precision: fp32 and grad_dtype: fp32");
   for (const Op& op : program_.ops) {
     if (!is_comm(op.kind)) continue;
@@ -44,6 +45,11 @@ Executor::Executor(const CompiledPlan& plan, int rank, ComputeBackend& backend, 
       throw Error(ErrorKind::Usage, {},
                   fmt::format("rank {} has no {}-member communicator for group {}", rank, want, to_string(op.group)),
                   "launch with the plan's world size");
+    if (device_ && !c->stand_in())
+      throw Error(ErrorKind::Usage, {},
+                  fmt::format("op '{}' needs group {} of {} ranks, but the device engine runs one rank alone",
+                              program_.name_of(op), to_string(op.group), want),
+                  "run a one-rank plan, or one rank of this plan with --emulate-rank");
   }
 }
 
@@ -82,7 +88,7 @@ std::vector<OpTiming> Executor::run_ops() {
   if (heartbeat_) heartbeat_->beat(iteration_, 0, true);  // every iteration's start is on record
   // Gradients accumulate over the iteration's micro-batches, from zero.
   for (std::uint32_t t = 0; t < program_.tensors.size(); ++t)
-    if (program_.tensors[t].cls == TensorClass::Gradient) std::memset(arena_.bytes(t).data(), 0, arena_.bytes(t).size());
+    if (program_.tensors[t].cls == TensorClass::Gradient) arena_.zero(t);
   for (std::uint32_t i = 0; i < program_.ops.size(); ++i) {
     const Op& op = program_.ops[i];
     current_op_ = i;
@@ -95,9 +101,12 @@ std::vector<OpTiming> Executor::run_ops() {
       if (!u.write) continue;
       touched_ = std::max(touched_, arena_.offset(u.tensor) + u.offset + u.bytes);
       if (program_.tensors[u.tensor].first_op == i && !is_persistent(program_.tensors[u.tensor].cls))
-        std::memset(arena_.bytes(u.tensor).data(), 0, arena_.bytes(u.tensor).size());
+        arena_.zero(u.tensor);
     }
-    if (is_comm(op.kind)) {
+    if (is_comm(op.kind) && device_) {
+      timings_[i].start = timings_[i].end = now();
+      backend_.mark(i);
+    } else if (is_comm(op.kind)) {
       timings_[i].start = now();
       post(i);
       host_[i] = now() - timings_[i].start;
@@ -123,6 +132,7 @@ std::vector<OpTiming> Executor::run_ops() {
     }
   }
   while (!in_flight_.empty()) wait_for(in_flight_.front().op);
+  if (device_) backend_.device_timings(timings_);
   // MPI progresses the collectives of one stream concurrently; the trace shows a stream as the
   // engine's model has it, one op at a time, each from when its stream is free.
   std::array<double, kNumStreams> free_at{};

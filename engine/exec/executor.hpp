@@ -8,6 +8,7 @@
 #include <array>
 #include <cstdint>
 #include <optional>
+#include <span>
 #include <vector>
 
 #include "engine/comm/communicator.hpp"
@@ -24,6 +25,17 @@ class ComputeBackend {
   virtual ~ComputeBackend() = default;
   // Runs compute or memory op `index` of `program` on the arena's tensors.
   virtual void run(const Program& program, std::uint32_t index, TensorArena& arena) = 0;
+
+  // A device backend (CUDA) returns the memory its arena lives in, runs its ops asynchronously in
+  // program order and times them by the device's clock; the host backend (null) runs each op to
+  // completion on the executor's thread, which times it.
+  virtual ArenaMemory* arena_memory() { return nullptr; }
+  // Device backends: comm op `index` is served here without moving data (a stand-in); it is
+  // recorded at this point of the device's work.
+  virtual void mark(std::uint32_t /*index*/) {}
+  // Device backends: called once the iteration's last op is issued; waits for the device and
+  // writes every op's device start and end into `timings`, on the executor's clock.
+  virtual void device_timings(std::span<OpTiming> /*timings*/) {}
 };
 
 // Runs no arithmetic: for exercising the schedule, the memory layout and the real collectives.
@@ -43,7 +55,9 @@ class RankFailure : public CommTimeout {
 
 class Executor {
  public:
-  // `plan` must be an fp32 plan (precision and gradients): the CPU engine's arithmetic.
+  // On a host backend `plan` must be an fp32 plan (precision and gradients): the CPU engine's
+  // arithmetic and its communicators' buffers. On a device backend every communicator must be a
+  // stand-in: comm ops move no data there (one rank alone, or a one-rank plan).
   Executor(const CompiledPlan& plan, int rank, ComputeBackend& backend, const GroupComms& groups);
 
   // One iteration; timings in seconds since the executor was made. A comm timeout becomes a
@@ -89,6 +103,7 @@ class Executor {
   const Program& program_;
   int rank_;
   ComputeBackend& backend_;
+  bool device_;
   GroupComms groups_;
   MemoryPlan memory_;
   TensorArena arena_;

@@ -8,15 +8,33 @@
 
 namespace px {
 
-void TensorArena::Free::operator()(std::byte* p) const { std::free(p); }
+void TensorArena::Free::operator()(std::byte* p) const {
+  if (memory)
+    memory->release(p);
+  else
+    std::free(p);
+}
 
-TensorArena::TensorArena(const Program& program, const MemoryPlan& plan) : program_(program), plan_(plan) {
+TensorArena::TensorArena(const Program& program, const MemoryPlan& plan, ArenaMemory* memory)
+    : program_(program), plan_(plan), memory_(memory), base_(nullptr, Free{memory}) {
   constexpr std::size_t kAlign = 256;
-  const auto size = static_cast<std::size_t>((plan.arena_bytes + kAlign - 1) / kAlign * kAlign);
-  auto* p = static_cast<std::byte*>(std::aligned_alloc(kAlign, std::max<std::size_t>(size, kAlign)));
+  const auto size = std::max<std::size_t>(static_cast<std::size_t>((plan.arena_bytes + kAlign - 1) / kAlign * kAlign), kAlign);
+  if (memory) {
+    base_.reset(memory->allocate(size));
+    return;
+  }
+  auto* p = static_cast<std::byte*>(std::aligned_alloc(kAlign, size));
   if (!p) throw std::bad_alloc();
   std::memset(p, 0, size);  // deterministic contents: gradients start at zero, padding is zero
   base_.reset(p);
+}
+
+void TensorArena::zero(std::uint32_t tensor) {
+  const auto b = bytes(tensor);
+  if (memory_)
+    memory_->zero(b);
+  else
+    std::memset(b.data(), 0, b.size());
 }
 
 std::span<std::byte> TensorArena::bytes(std::uint32_t tensor) {

@@ -12,20 +12,35 @@
 
 namespace px {
 
+// Memory an arena may live in other than the host's: a device backend's (CUDA) allocator.
+class ArenaMemory {
+ public:
+  virtual ~ArenaMemory() = default;
+  virtual std::byte* allocate(std::size_t bytes) = 0;  // zero-filled, 256-byte aligned
+  virtual void release(std::byte* p) = 0;
+  virtual void zero(std::span<std::byte> bytes) = 0;    // in order with the device's work
+};
+
 class TensorArena {
  public:
-  TensorArena(const Program& program, const MemoryPlan& plan);
+  // In host memory, or in `memory` when given (which must outlive the arena).
+  TensorArena(const Program& program, const MemoryPlan& plan, ArenaMemory* memory = nullptr);
 
+  // The tensor's bytes: host memory, or device memory the host must not touch (on_device()).
   std::span<std::byte> bytes(std::uint32_t tensor);
   // fp32 view; the CPU engine runs fp32 plans, so every tensor is a whole number of floats.
   std::span<float> floats(std::uint32_t tensor);
+  void zero(std::uint32_t tensor);
+  bool on_device() const { return memory_ != nullptr; }
   std::int64_t offset(std::uint32_t tensor) const { return plan_.offsets[tensor]; }
   std::int64_t size_bytes() const { return plan_.arena_bytes; }
 
  private:
   const Program& program_;
   const MemoryPlan& plan_;
+  ArenaMemory* memory_;
   struct Free {
+    ArenaMemory* memory;
     void operator()(std::byte* p) const;
   };
   std::unique_ptr<std::byte, Free> base_;
