@@ -32,6 +32,8 @@ struct TrainFlags {
   double timeout_s = 60;
   bool resume = false;
   std::optional<int> emulate_rank;  // run this rank of the plan alone, comm on stand-ins
+  std::string device = "cpu";       // compute backend: cpu or cuda
+  std::optional<double> hidden_dropout, attention_dropout;  // override the model file's
 };
 
 struct SimulateFlags {

@@ -31,5 +31,8 @@ int main(int argc, char** argv) {
   } catch (const px::Error& e) {
     std::fprintf(stderr, "parallax: %s\n", e.what());
     return 2;
+  } catch (const std::exception& e) {  // a device or library fault (CUDA, SQLite, I/O) past the input checks
+    std::fprintf(stderr, "parallax: error: %s\n", e.what());
+    return 1;
   }
 }

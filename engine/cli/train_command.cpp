@@ -2,7 +2,8 @@
 // mpirun (or a single process without it). The plan's data-parallel size defaults to what the
 // job's ranks leave after tp, pp and cp; the CPU engine trains in fp32. With --emulate-rank R one
 // process runs rank R of the plan alone, every comm op on a stand-in, and writes R's trace for
-// calibration (engine/train/emulate.hpp); that needs no MPI.
+// calibration (engine/train/emulate.hpp); that needs no MPI. --device cuda runs the compute in
+// bf16 on the GPU, for a one-rank plan (a real run) or one emulated rank.
 #include <fmt/format.h>
 
 #include <cstdio>
@@ -11,10 +12,13 @@
 #include "engine/cli/commands.hpp"
 #include "engine/comm/launch.hpp"
 #include "engine/core/error.hpp"
+#include "engine/core/stats.hpp"
+#include "engine/spec/model_math.hpp"
 #include "engine/spec/spec_yaml.hpp"
 #ifdef PX_HAVE_TRAIN
 #include "engine/train/trainer.hpp"
 #endif
+#include "engine/train/backend_factory.hpp"
 #include "engine/train/emulate.hpp"
 
 namespace px::cli {
@@ -41,9 +45,23 @@ void register_train(CLI::App& app, Options& o) {
   c->add_option("--timeout", t.timeout_s, "Seconds a rank waits for a peer before declaring it failed")->check(CLI::PositiveNumber);
   c->add_option("--emulate-rank", t.emulate_rank,
                 "Run only this rank of the plan, alone (no mpirun), every comm op on a stand-in; writes its trace for calibration");
+  c->add_option("--hidden-dropout", t.hidden_dropout, "Dropout after attention and MLP, instead of the model file's")
+      ->check(CLI::Range(0.0, 0.99));
+  c->add_option("--attention-dropout", t.attention_dropout, "Dropout on attention probabilities, instead of the model file's (the engine has none)")
+      ->check(CLI::Range(0.0, 0.99));
+  c->add_option("--device", t.device, "Compute backend: cpu (fp32, any plan under mpirun) or cuda (bf16 on this GPU, one rank)")
+      ->check(CLI::IsMember(built_devices()));
 }
 
 namespace {
+
+// The model file's, with the run's dropout overrides.
+ModelSpec model_of(const Options& o, const SpecCatalog& cat) {
+  ModelSpec m = cat.model(o.model);
+  if (o.train.hidden_dropout) m.hidden_dropout = *o.train.hidden_dropout;
+  if (o.train.attention_dropout) m.attention_dropout = *o.train.attention_dropout;
+  return m;
+}
 
 // Fills a TrainConfig's run settings (everything but model and plan) from the flags.
 void run_settings(const Options& o, const SpecCatalog& cat, TrainConfig& c) {
@@ -65,7 +83,8 @@ void run_settings(const Options& o, const SpecCatalog& cat, TrainConfig& c) {
   c.comm_timeout = std::chrono::milliseconds(static_cast<std::int64_t>(o.train.timeout_s * 1000));
 }
 
-// --emulate-rank: the plan as given (no job to size dp from), one process, rank R alone.
+// --emulate-rank, or any one-rank run on a device: the plan as given (no job to size dp from),
+// one process, rank R alone.
 int emulate(const Options& o) {
   const LaunchInfo launch = discover_launch();
   if (launch.world_size > 1)
@@ -73,22 +92,37 @@ int emulate(const Options& o) {
                 "run parallax train --emulate-rank without mpirun/srun/torchrun");
   const SpecCatalog cat = catalog(o);
   TrainConfig c;
-  c.model = cat.model(o.model);
+  c.model = model_of(o, cat);
   Options with = o;
-  if (with.plan.precision.empty()) with.plan.precision = "fp32";
+  if (with.plan.precision.empty()) with.plan.precision = o.train.device == "cpu" ? "fp32" : "bf16";
   c.plan = plan_from_flags(with, c.model);
   run_settings(o, cat, c);
-  const EmulationResult r = emulate_rank(c, *o.train.emulate_rank, [&](const std::string& line) {
+  c.device = o.train.device;
+  if (!o.train.emulate_rank && c.plan.world_size() > 1)
+    throw Error(ErrorKind::Usage, {},
+                fmt::format("--device {} runs one rank, but the plan has {}", c.device, c.plan.world_size()),
+                "train a one-rank plan, or time one rank of this plan with --emulate-rank R");
+  const EmulationResult r = emulate_rank(c, o.train.emulate_rank.value_or(0), [&](const std::string& line) {
     if (o.json) return;
     std::printf("%s\n", line.c_str());
     std::fflush(stdout);
   });
+  // A one-rank run's throughput: the global batch's tokens over the median iteration after the
+  // first (which pays for cuBLASLt's heuristics and the allocator).
+  std::vector<double> steady(r.iteration_seconds.begin() + (r.iteration_seconds.size() > 1 ? 1 : 0), r.iteration_seconds.end());
+  const double tokens_per_second =
+      steady.empty() ? 0.0 : static_cast<double>(c.plan.global_batch_size) * c.plan.seq_length / median(steady);
   if (o.json) {
     const nlohmann::json j = {{"model", c.model.name},
+                              {"tokens_per_second", r.world_size == 1 ? tokens_per_second : 0.0},
+                              // MFU = tokens/s x this / the GPU's dense bf16 peak (Megatron's FLOP count)
+                              {"model_flops_per_token", model_flops_per_token(c.model, c.plan)},
                               {"emulated_rank", r.rank},
                               {"world_size", r.world_size},
                               {"pipeline_stage", r.stage},
                               {"trace", r.trace.string()},
+                              {"device", r.device},
+                              {"losses", r.losses},
                               {"ops", r.ops},
                               {"stand_in_ops", r.stand_in_ops},
                               {"iteration_seconds", r.iteration_seconds},
@@ -96,6 +130,10 @@ int emulate(const Options& o) {
                               {"arena_bytes", r.arena_bytes},
                               {"arena_bytes_touched", r.arena_bytes_touched}};
     std::printf("%s\n", j.dump(2).c_str());
+  } else if (r.world_size == 1) {
+    std::printf("done: final loss %.4f, %.0f tokens/s (median iteration) on %s, trace %s, arena %lld bytes (planned) / %lld touched\n",
+                r.losses.empty() ? 0.0 : r.losses.back(), tokens_per_second, r.device.c_str(), r.trace.string().c_str(),
+                static_cast<long long>(r.arena_bytes), static_cast<long long>(r.arena_bytes_touched));
   } else {
     std::printf("done: %s (rank %d of %d emulated: %zu ops, %zu of them stand-in comm), compute %.1f ms per iteration, arena %lld bytes (planned) / %lld touched\n",
                 r.trace.string().c_str(), r.rank, r.world_size, r.ops, r.stand_in_ops, 1e3 * r.compute_seconds,
@@ -107,14 +145,14 @@ int emulate(const Options& o) {
 }  // namespace
 
 int train(const Options& o, int* argc, char*** argv) {
-  if (o.train.emulate_rank) return emulate(o);
+  if (o.train.emulate_rank || o.train.device != "cpu") return emulate(o);
 #ifdef PX_HAVE_TRAIN
   // Everything that can be wrong with the input is found before MPI starts: the launcher's
   // variables say how many ranks the job has.
   const LaunchInfo launch = discover_launch();
   const SpecCatalog cat = catalog(o);
   TrainConfig c;
-  c.model = cat.model(o.model);
+  c.model = model_of(o, cat);
   Options with = o;
   if (with.plan.precision.empty()) with.plan.precision = "fp32";
   if (!with.plan.dp && with.plan.plan_file.empty()) {

@@ -17,7 +17,8 @@ namespace px {
 
 struct TrainConfig {
   ModelSpec model;
-  PlanSpec plan;                 // resolved, fp32
+  PlanSpec plan;                 // resolved; fp32 on the CPU, bf16 on CUDA
+  std::string device = "cpu";    // the compute backend (engine/train/backend_factory.hpp)
   std::string data = "synthetic";  // "synthetic", "corpus" (datasets/corpus) or a text file
   std::filesystem::path datasets_dir;
   int iterations = 10;

@@ -42,18 +42,6 @@ std::span<I> as(std::span<std::byte> b) {
   return {reinterpret_cast<I*>(b.data()), b.size() / sizeof(I)};
 }
 
-bool forward_phase(Phase p) { return p == Phase::Forward || p == Phase::Recompute; }
-
-// The op's operands split into reads and writes, each in program order.
-struct Operands {
-  std::vector<TensorUse> in, out;
-};
-Operands operands(const Program& prog, const Op& op) {
-  Operands o;
-  for (const TensorUse& u : prog.uses_of(op)) (u.write ? o.out : o.in).push_back(u);
-  return o;
-}
-
 }  // namespace
 
 CpuBackend::CpuBackend(const CompiledPlan& plan, int rank, const TokenSource& data, const TrainOptions& options)

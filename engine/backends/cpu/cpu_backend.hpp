@@ -12,7 +12,7 @@
 
 #include "engine/backends/cpu/adamw.hpp"
 #include "engine/backends/cpu/rank_context.hpp"
-#include "engine/exec/executor.hpp"
+#include "engine/exec/training_backend.hpp"
 #include "engine/exec/token_data.hpp"
 #include "engine/spec/parameters.hpp"
 
@@ -27,28 +27,19 @@ struct TrainOptions {
   double norm_eps = 1e-5;
 };
 
-// A rank's share of one iteration's loss: the summed cross-entropy of the tokens whose logits it
-// computed, and how many (tensor-parallel ranks of one replica see the same tokens).
-struct LossSum {
-  double sum = 0;
-  std::int64_t tokens = 0;
-};
+using px::LossSum;
 
-class CpuBackend final : public ComputeBackend {
+class CpuBackend final : public TrainingBackend {
  public:
   CpuBackend(const CompiledPlan& plan, int rank, const TokenSource& data, const TrainOptions& options);
 
-  // Writes the initial weights of this rank's shards (and the offloaded master copy).
-  void initialize(TensorArena& arena);
-  // Called by the driver before each iteration: which iteration's samples to fetch.
-  void begin_iteration(std::int64_t iteration);
-
+  void initialize(TensorArena& arena) override;
+  void begin_iteration(std::int64_t iteration) override;
   void run(const Program& program, std::uint32_t index, TensorArena& arena) override;
-
-  const LossSum& loss() const { return loss_; }
-  double grad_norm() const { return grad_norm_; }
-  // True where this rank counts tokens for the job's loss (tensor-parallel rank 0 of the last stage).
-  bool reports_loss() const { return ctx_.reports_loss(); }
+  const LossSum& loss() const override { return loss_; }
+  double grad_norm() const override { return grad_norm_; }
+  bool reports_loss() const override { return ctx_.reports_loss(); }
+  std::string device_name() const override { return "cpu"; }
 
   // The parameter elements (or their reduced gradients) this rank owns — each element of the
   // model has exactly one owner across the job — written at their global indices into `out`

@@ -11,6 +11,12 @@ namespace px::cpu {
 
 using i64 = std::int64_t;
 
+Operands operands(const Program& prog, const Op& op) {
+  Operands o;
+  for (const TensorUse& u : prog.uses_of(op)) (u.write ? o.out : o.in).push_back(u);
+  return o;
+}
+
 RankContext::RankContext(const CompiledPlan& plan, int rank, const TokenSource& data, std::uint64_t seed)
     : plan_(plan),
       program_(plan.program_of(rank)),

@@ -17,6 +17,16 @@
 
 namespace px::cpu {
 
+// Forward work, first time or repeated (recompute).
+inline bool forward_phase(Phase p) { return p == Phase::Forward || p == Phase::Recompute; }
+
+// An op's operands split into reads and writes, each in program order: what a backend's kernel
+// for the op takes, in the roles engine/plan/README.md gives them.
+struct Operands {
+  std::vector<TensorUse> in, out;
+};
+Operands operands(const Program& prog, const Op& op);
+
 class RankContext {
  public:
   RankContext(const CompiledPlan& plan, int rank, const TokenSource& data, std::uint64_t seed);

@@ -1,0 +1,546 @@
+// Op-by-op dispatch of a rank's bf16 program onto the CUDA kernels, on one stream. Shapes come
+// from the op, operands from its views, everything that depends on where the rank sits from the
+// shared RankContext; the micro-batches' tokens go up once per iteration and dropout keys through
+// pinned memory, so no op waits for the host.
+#include "engine/backends/cuda/cuda_backend.hpp"
+
+#include <cuda_runtime_api.h>
+#include <fmt/format.h>
+#include <nvtx3/nvToolsExt.h>
+
+#include <algorithm>
+#include <cassert>
+#include <cmath>
+#include <thread>
+#include <utility>
+
+#include "engine/backends/cuda/activation.hpp"
+#include "engine/backends/cuda/adamw.hpp"
+#include "engine/backends/cuda/attention.hpp"
+#include "engine/backends/cuda/check.hpp"
+#include "engine/backends/cuda/cross_entropy.hpp"
+#include "engine/backends/cuda/device_buffer.hpp"
+#include "engine/backends/cuda/dropout.hpp"
+#include "engine/backends/cuda/embedding.hpp"
+#include "engine/backends/cuda/gemm.hpp"
+#include "engine/backends/cuda/norm.hpp"
+#include "engine/backends/cuda/rope.hpp"
+#include "engine/backends/cuda/tensor_ops.hpp"
+#include "engine/core/error.hpp"
+
+namespace px::cuda {
+namespace {
+
+using i64 = std::int64_t;
+using cpu::forward_phase;
+using cpu::Operands;
+
+template <class T>
+T* at(TensorArena& arena, const TensorUse& u) {
+  return reinterpret_cast<T*>(arena.bytes(u.tensor).data() + u.offset);
+}
+template <class T>
+i64 count(const TensorUse& u) {
+  return u.bytes / static_cast<i64>(sizeof(T));
+}
+
+// Device scratch that only grows (a cudaFree on growth waits for the device: first iteration only).
+template <class T>
+T* grow(DeviceBuffer<T>& b, i64 n) {
+  if (static_cast<i64>(b.size()) < n) b = DeviceBuffer<T>(static_cast<std::size_t>(n));
+  return b.data();
+}
+
+// Pinned host memory, for copies the host must not wait for.
+template <class T>
+class PinnedBuffer {
+ public:
+  PinnedBuffer() = default;
+  explicit PinnedBuffer(std::size_t n) : n_(n) {
+    if (n > 0) PX_CUDA_CHECK(cudaMallocHost(reinterpret_cast<void**>(&p_), n * sizeof(T)));
+  }
+  PinnedBuffer(const PinnedBuffer&) = delete;
+  PinnedBuffer& operator=(PinnedBuffer&& o) noexcept {
+    std::swap(p_, o.p_);
+    std::swap(n_, o.n_);
+    return *this;
+  }
+  ~PinnedBuffer() {
+    if (p_) (void)cudaFreeHost(p_);
+  }
+  T* data() { return p_; }
+  std::size_t size() const { return n_; }
+
+ private:
+  T* p_ = nullptr;
+  std::size_t n_ = 0;
+};
+
+}  // namespace
+
+struct CudaBackend::Impl {
+  cudaStream_t stream = nullptr;
+  std::unique_ptr<GemmContext> gemm;
+  std::vector<cudaEvent_t> start, end;  // per op
+  std::vector<char> timed;              // ops with an end event this iteration (marks have none)
+
+  // Every micro-batch of the iteration, [micro-batch][T] each, uploaded by begin_iteration.
+  PinnedBuffer<std::int32_t> host_feed;
+  DeviceBuffer<std::int32_t> tokens, targets, positions;
+  // Dropout row keys: a pinned region per dropout op of the iteration, so no copy overwrites one
+  // still waiting to go up.
+  PinnedBuffer<std::uint64_t> host_keys;
+  std::vector<i64> key_offset;  // per op, into host_keys / keys (-1: none)
+  DeviceBuffer<std::uint64_t> keys;
+
+  DeviceBuffer<std::byte> workspace;  // norm and embedding backward
+  DeviceBuffer<float> out32, dqkv32, dkv32, delta, losses, dloss;
+  DeviceBuffer<bf16> tmp;
+  DeviceBuffer<double> loss_sum{1}, norm_sq{1}, sos{sum_of_squares_workspace_doubles()};
+  DeviceBuffer<float> clip{1};
+  std::vector<AdamWTensor> adamw;
+  std::vector<GradTensor> owned_grads;
+};
+
+CudaBackend::CudaBackend(const CompiledPlan& plan, int rank, const TokenSource& data, const cpu::TrainOptions& options)
+    : plan_(plan), program_(plan.program_of(rank)), ctx_(plan, rank, data, options.seed), opt_(options), impl_(std::make_unique<Impl>()) {
+  const PlanSpec& p = plan.plan;
+  if (p.precision != DType::BF16 || p.grad_dtype != DType::F32)
+    throw Error(ErrorKind::Usage, {}, "the CUDA engine trains bf16 plans with fp32 gradients",
+                "pass --precision bf16 (and grad_dtype: fp32)");
+  if (plan.model.moe)
+    throw Error(ErrorKind::Usage, {plan.model.file, 0, 0, -1}, "the CUDA engine does not run MoE layers yet", "use the CPU engine");
+  if (p.optimizer_offload)
+    throw Error(ErrorKind::Usage, {}, "the CUDA engine does not offload the optimizer yet", "drop optimizer offload");
+  if (ctx_.dims().d > 256)
+    throw Error(ErrorKind::Usage, {plan.model.file, 0, 0, -1}, fmt::format("head dim {} exceeds the attention kernel's 256", ctx_.dims().d),
+                "use a model with head dim <= 256");
+  Impl& im = *impl_;
+  PX_CUDA_CHECK(cudaStreamCreateWithFlags(&im.stream, cudaStreamNonBlocking));
+  im.gemm = std::make_unique<GemmContext>(im.stream);
+  const std::size_t n = program_.ops.size();
+  im.start.resize(n);
+  im.end.resize(n);
+  im.timed.assign(n, 0);
+  for (std::size_t i = 0; i < n; ++i) {
+    PX_CUDA_CHECK(cudaEventCreate(&im.start[i]));
+    PX_CUDA_CHECK(cudaEventCreate(&im.end[i]));
+  }
+  const LocalDims& z = ctx_.dims();
+  const i64 feed = static_cast<i64>(plan.num_micro_batches) * z.T;
+  im.host_feed = PinnedBuffer<std::int32_t>(static_cast<std::size_t>(3 * feed));
+  im.tokens = DeviceBuffer<std::int32_t>(static_cast<std::size_t>(feed));
+  im.targets = DeviceBuffer<std::int32_t>(static_cast<std::size_t>(feed));
+  im.positions = DeviceBuffer<std::int32_t>(static_cast<std::size_t>(feed));
+  i64 keys = 0;
+  im.key_offset.assign(n, -1);
+  for (std::size_t i = 0; i < n; ++i) {
+    const Op& op = program_.ops[i];
+    if (op.kind != OpKind::DropoutAdd || !forward_phase(op.phase)) continue;
+    if (cpu::operands(program_, op).out.size() < 2) continue;  // no mask: no dropout
+    im.key_offset[i] = keys;
+    keys += op.m;
+  }
+  im.host_keys = PinnedBuffer<std::uint64_t>(static_cast<std::size_t>(keys));
+  im.keys = DeviceBuffer<std::uint64_t>(static_cast<std::size_t>(keys));
+}
+
+CudaBackend::~CudaBackend() {
+  Impl& im = *impl_;
+  if (im.stream) (void)cudaStreamSynchronize(im.stream);
+  for (auto e : im.start) (void)cudaEventDestroy(e);
+  for (auto e : im.end) (void)cudaEventDestroy(e);
+  im.gemm.reset();
+  if (im.stream) (void)cudaStreamDestroy(im.stream);
+}
+
+std::string CudaBackend::device_name() const {
+  int device = 0;
+  PX_CUDA_CHECK(cudaGetDevice(&device));
+  cudaDeviceProp prop{};
+  PX_CUDA_CHECK(cudaGetDeviceProperties(&prop, device));
+  return prop.name;
+}
+
+std::byte* CudaBackend::allocate(std::size_t bytes) {
+  void* p = nullptr;
+  PX_CUDA_CHECK(cudaMalloc(&p, bytes));  // 256-byte aligned
+  PX_CUDA_CHECK(cudaMemset(p, 0, bytes));
+  return static_cast<std::byte*>(p);
+}
+
+void CudaBackend::release(std::byte* p) {
+  if (impl_->stream) (void)cudaStreamSynchronize(impl_->stream);
+  (void)cudaFree(p);
+}
+
+void CudaBackend::zero(std::span<std::byte> bytes) {
+  if (!bytes.empty()) PX_CUDA_CHECK(cudaMemsetAsync(bytes.data(), 0, bytes.size(), impl_->stream));
+}
+
+void CudaBackend::initialize(TensorArena& arena) {
+  Impl& im = *impl_;
+  im.adamw.clear();
+  im.owned_grads.clear();
+  std::uint32_t optimizer = 0;
+  for (std::uint32_t t = 0; t < program_.tensors.size(); ++t)
+    if (program_.tensors[t].cls == TensorClass::Optimizer) optimizer = t;
+  float* state = program_.optimizer_elements > 0 ? reinterpret_cast<float*>(arena.bytes(optimizer).data()) : nullptr;
+  // A large shard (Llama-3 70B at tp8: 8.75e9 weights) takes minutes on one core: the host draws
+  // a batch of buffers' initial values on every core, then uploads them.
+  const std::size_t threads = std::max(1u, std::thread::hardware_concurrency());
+  const auto& buffers = program_.buffers;
+  for (std::size_t first = 0; first < buffers.size(); first += threads) {
+    const std::size_t last = std::min(buffers.size(), first + threads);
+    std::vector<std::vector<float>> host(last - first);
+    std::vector<std::thread> pool;
+    for (std::size_t i = first; i < last; ++i)
+      pool.emplace_back([&, i] {
+        host[i - first].resize(arena.bytes(buffers[i].weight).size() / sizeof(bf16));
+        ctx_.initial_weights(buffers[i], host[i - first]);
+      });
+    for (auto& t : pool) t.join();
+    for (std::size_t i = first; i < last; ++i) {
+      const ParamBuffer& b = buffers[i];
+      const std::vector<float>& w = host[i - first];
+      auto wbytes = arena.bytes(b.weight);
+      const std::vector<bf16> wb = to_bf16(w);
+      PX_CUDA_CHECK(cudaMemcpy(wbytes.data(), wb.data(), wb.size() * sizeof(bf16), cudaMemcpyHostToDevice));
+      // [m | v | master] over the elements whose optimizer state this rank holds.
+      const cpu::RankContext::Range r = ctx_.optimizer_range(b);
+      const i64 owned = r.end - r.begin;
+      const i64 wbase = b.weight_sharded ? 0 : r.begin, gbase = b.grad_sharded ? 0 : r.begin;
+      float* m = state + b.optimizer_offset;
+      float* master = m + 2 * owned;
+      PX_CUDA_CHECK(cudaMemcpy(master, w.data() + wbase, static_cast<std::size_t>(owned) * sizeof(float), cudaMemcpyHostToDevice));
+      float* grad = reinterpret_cast<float*>(arena.bytes(b.grad).data());
+      im.adamw.push_back({master, grad + gbase, m, m + owned, reinterpret_cast<bf16*>(wbytes.data()) + wbase, owned});
+      // Each gradient element with one owner across the job enters the norm once.
+      const i64 held = static_cast<i64>(arena.bytes(b.grad).size() / sizeof(float));
+      const i64 base = b.grad_sharded ? r.begin : 0;
+      for (const ParamSlot& s : b.slots) {
+        const cpu::RankContext::Range o = ctx_.owned(b, s);
+        const i64 lo = std::max<i64>(o.begin - base, 0), hi = std::min<i64>(o.end - base, held);
+        if (lo < hi) im.owned_grads.push_back({grad + lo, hi - lo});
+      }
+    }
+  }
+  PX_CUDA_CHECK(cudaDeviceSynchronize());
+}
+
+void CudaBackend::begin_iteration(std::int64_t iteration) {
+  Impl& im = *impl_;
+  ctx_.begin_iteration(iteration);
+  loss_ = {};
+  step_ = iteration + 1;
+  const i64 T = ctx_.dims().T, feed = static_cast<i64>(plan_.num_micro_batches) * T;
+  std::int32_t* h = im.host_feed.data();
+  for (int mb = 0; mb < plan_.num_micro_batches; ++mb) {
+    ctx_.fetch_micro_batch(mb);
+    std::copy(ctx_.tokens().begin(), ctx_.tokens().end(), h + mb * T);
+    std::copy(ctx_.targets().begin(), ctx_.targets().end(), h + feed + mb * T);
+    std::copy(ctx_.positions().begin(), ctx_.positions().end(), h + 2 * feed + mb * T);
+  }
+  const std::size_t bytes = static_cast<std::size_t>(feed) * sizeof(std::int32_t);
+  PX_CUDA_CHECK(cudaMemcpyAsync(im.tokens.data(), h, bytes, cudaMemcpyHostToDevice, im.stream));
+  PX_CUDA_CHECK(cudaMemcpyAsync(im.targets.data(), h + feed, bytes, cudaMemcpyHostToDevice, im.stream));
+  PX_CUDA_CHECK(cudaMemcpyAsync(im.positions.data(), h + 2 * feed, bytes, cudaMemcpyHostToDevice, im.stream));
+  PX_CUDA_CHECK(cudaMemsetAsync(im.loss_sum.data(), 0, sizeof(double), im.stream));
+  std::fill(im.timed.begin(), im.timed.end(), 0);
+}
+
+void CudaBackend::mark(std::uint32_t index) {
+  PX_CUDA_CHECK(cudaEventRecord(impl_->start[index], impl_->stream));
+  impl_->timed[index] = 0;
+}
+
+void CudaBackend::device_timings(std::span<OpTiming> timings) {
+  Impl& im = *impl_;
+  PX_CUDA_CHECK(cudaStreamSynchronize(im.stream));
+  // The device was idle when op 0 was issued (the last iteration ended here), so op 0's start
+  // event ran at its host issue time: the anchor of the device clock on the executor's.
+  const double t0 = timings.empty() ? 0.0 : timings[0].start;
+  for (std::size_t i = 0; i < timings.size(); ++i) {
+    float ms = 0;
+    PX_CUDA_CHECK(cudaEventElapsedTime(&ms, im.start[0], im.start[i]));
+    timings[i].start = t0 + 1e-3 * ms;
+    if (im.timed[i]) PX_CUDA_CHECK(cudaEventElapsedTime(&ms, im.start[0], im.end[i]));
+    timings[i].end = t0 + 1e-3 * ms;
+  }
+  double sums[2] = {0, 0};
+  PX_CUDA_CHECK(cudaMemcpy(&sums[0], im.loss_sum.data(), sizeof(double), cudaMemcpyDeviceToHost));
+  PX_CUDA_CHECK(cudaMemcpy(&sums[1], im.norm_sq.data(), sizeof(double), cudaMemcpyDeviceToHost));
+  loss_.sum = sums[0];
+  grad_norm_ = std::sqrt(std::max(0.0, sums[1]));
+}
+
+void CudaBackend::export_owned(TensorArena& arena, cpu::RankContext::Export what,
+                               std::map<std::string, std::vector<double>>& out) const {
+  PX_CUDA_CHECK(cudaStreamSynchronize(impl_->stream));
+  for (const ParamBuffer& b : program_.buffers) {
+    const bool gradients = what == cpu::RankContext::Export::Gradients;
+    const auto bytes = arena.bytes(gradients ? b.grad : b.weight);
+    std::vector<float> held;
+    if (gradients) {
+      held.resize(bytes.size() / sizeof(float));
+      PX_CUDA_CHECK(cudaMemcpy(held.data(), bytes.data(), bytes.size(), cudaMemcpyDeviceToHost));
+    } else {
+      std::vector<bf16> w(bytes.size() / sizeof(bf16));
+      PX_CUDA_CHECK(cudaMemcpy(w.data(), bytes.data(), bytes.size(), cudaMemcpyDeviceToHost));
+      held = to_float(w);
+    }
+    ctx_.export_owned(b, held, gradients ? b.grad_sharded : b.weight_sharded, what, out);
+  }
+}
+
+void CudaBackend::run(const Program& program, std::uint32_t index, TensorArena& arena) {
+  assert(&program == &program_);
+  Impl& im = *impl_;
+  const Op& op = program.ops[index];
+  const cudaStream_t st = im.stream;
+  const LocalDims& z = ctx_.dims();
+  const Operands o = cpu::operands(program_, op);
+  const i64 mb = std::max<i64>(op.micro_batch, 0);
+  const std::int32_t* tokens = im.tokens.data() + mb * z.T;
+  const std::int32_t* targets = im.targets.data() + mb * z.T;
+  const std::int32_t* positions = im.positions.data() + mb * z.T;
+  const bool fwd = forward_phase(op.phase);
+  const auto eps = static_cast<float>(opt_.norm_eps);
+  const std::string name(program_.name_of(op));
+  nvtxRangePushA(name.c_str());
+  PX_CUDA_CHECK(cudaEventRecord(im.start[index], st));
+  auto in = [&](std::size_t i) { return at<bf16>(arena, o.in[i]); };
+  auto out = [&](std::size_t i) { return at<bf16>(arena, o.out[i]); };
+  auto in32 = [&](std::size_t i) { return at<float>(arena, o.in[i]); };
+  auto out32 = [&](std::size_t i) { return at<float>(arena, o.out[i]); };
+  auto workspace = [&](std::size_t bytes) { return static_cast<void*>(grow(im.workspace, static_cast<i64>(bytes))); };
+
+  switch (op.kind) {
+    case OpKind::Embedding: {
+      const i64 vocab_begin = ctx_.coord().tp * z.V_l;
+      if (fwd) {
+        // Positions are added on one tensor-parallel rank: the TP reduction after the lookup sums the ranks.
+        const bf16* pos = o.in.size() > 1 && ctx_.coord().tp == 0 ? in(1) : nullptr;
+        embedding_forward(tokens, positions, z.T, in(0), vocab_begin, z.V_l, pos, out(0), z.h, st);
+        break;
+      }
+      const std::size_t ws = embedding_backward_workspace_bytes(z.T);
+      embedding_backward(in(0), tokens, positions, z.T, out32(0), vocab_begin, z.V_l, nullptr, z.h, workspace(ws), ws, st);
+      if (o.out.size() < 2) break;
+      // The position table's gradient from the rows this rank's sequence shard holds (see the CPU backend).
+      const i64 first = z.sp ? ctx_.coord().tp * z.Tres : 0, rows = z.sp ? z.Tres : z.T;
+      embedding_backward(in(0) + first * z.h, tokens + first, positions + first, rows, out32(0), vocab_begin, 0, out32(1), z.h,
+                         workspace(embedding_backward_workspace_bytes(rows)), embedding_backward_workspace_bytes(rows), st);
+      break;
+    }
+    case OpKind::Norm: {
+      const bool ln = plan_.model.norm == NormKind::LayerNorm;
+      if (fwd) {
+        if (ln)
+          layernorm_forward(in(0), in(1), in(2), out(0), nullptr, nullptr, op.m, op.n, eps, st);
+        else
+          rmsnorm_forward(in(0), in(1), out(0), nullptr, op.m, op.n, eps, st);
+        break;
+      }
+      // dx starts as the residual stream's gradient (or zero); the kernel adds the norm's.
+      if (o.in.size() > 3)
+        PX_CUDA_CHECK(cudaMemcpyAsync(out(0), in(3), static_cast<std::size_t>(o.out[0].bytes), cudaMemcpyDeviceToDevice, st));
+      else
+        PX_CUDA_CHECK(cudaMemsetAsync(out(0), 0, static_cast<std::size_t>(o.out[0].bytes), st));
+      const std::size_t ws = norm_backward_workspace_bytes(op.m, op.n);
+      if (ln)
+        layernorm_backward(in(0), in(1), in(2), nullptr, nullptr, out(0), out32(1), out32(2), op.m, op.n, eps, workspace(ws), ws, st);
+      else
+        rmsnorm_backward(in(0), in(1), in(2), nullptr, out(0), out32(1), op.m, op.n, eps, workspace(ws), ws, st);
+      break;
+    }
+    case OpKind::Gemm: {
+      GemmContext& g = *im.gemm;
+      switch (op.variant) {
+        case Variant::GemmForward:
+          linear_forward(g, in(0), in(1), o.in.size() > 2 ? in(2) : nullptr, out(0), op.m, op.n, op.k);
+          break;
+        case Variant::GemmInputGrad:  // dx[m x n] = dy[m x k] w^T, w stored [n x k]
+          linear_backward_input(g, in(0), in(1), out(0), op.m, op.k, op.n);
+          break;
+        case Variant::GemmInputGradAccumulate:
+          linear_backward_input(g, in(0), in(1), out(0), op.m, op.k, op.n, true);
+          break;
+        case Variant::GemmWeightGrad:  // dw[m x n] += x^T dy over op.k rows
+          linear_backward_weight(g, in(0), in(1), out32(0), o.out.size() > 1 ? out32(1) : nullptr, op.k, op.n, op.m);
+          break;
+        case Variant::GemmForwardTransposed:  // y = x w^T, w [n x k]
+          gemm(g, false, true, op.m, op.n, op.k, 1.0f, in(0), op.k, in(1), op.k, 0.0f, out(0), op.n);
+          break;
+        case Variant::GemmInputGradTransposed:  // dx[m x n] = dy[m x k] w, w [k x n]
+          gemm(g, false, false, op.m, op.n, op.k, 1.0f, in(0), op.k, in(1), op.n, 0.0f, out(0), op.n);
+          break;
+        case Variant::GemmWeightGradTransposed:  // dw[m x n] += dy^T x; reads [x (k x n), dy (k x m)]
+          gemm(g, true, false, op.m, op.n, op.k, 1.0f, in(1), op.m, in(0), op.n, 1.0f, out32(0), op.n);
+          break;
+        default:
+          throw Error(ErrorKind::Usage, {}, fmt::format("op '{}': grouped expert GEMMs are not on the CUDA engine", name), "");
+      }
+      break;
+    }
+    case OpKind::Rope:
+      if (fwd)
+        rope_forward(out(0), op.m, z.qkv_cols, op.n / z.d, z.d, positions, plan_.model.rope_theta, st);
+      else
+        rope_backward(out(0), op.m, z.qkv_cols, op.n / z.d, z.d, positions, plan_.model.rope_theta, st);
+      break;
+    case OpKind::AttentionCore: {
+      const TensorUse& qkv_use = fwd ? o.in[0] : o.in[1];
+      const TensorUse& kv_use = fwd ? o.in[1] : o.in[2];
+      const bf16* qkv = at<bf16>(arena, qkv_use);
+      const bf16* kvb = at<bf16>(arena, kv_use);
+      const bool packed = kv_use.tensor != qkv_use.tensor;  // a ring block [K | V], not qkv itself
+      const i64 kv_ld = packed ? 2 * z.g_l * z.d : z.qkv_cols, k_off = packed ? 0 : z.a_l * z.d, v_off = k_off + z.g_l * z.d;
+      const int src = ((ctx_.coord().cp - op.step) % z.cp + z.cp) % z.cp;  // whose block arrives at this step
+      const AttentionShape sh{z.b, z.a_l, z.g_l, z.d, z.S, z.S, ctx_.coord().cp * z.S, src * z.S};
+      const AttentionInputs x{qkv, kvb + k_off, kvb + v_off, z.qkv_cols, kv_ld, kv_ld};
+      const bool last = op.step + 1 == z.cp;
+      const i64 out_elems = z.T * z.a_l * z.d;
+      if (fwd) {
+        // The running output stays fp32 across the ring's blocks; the last one rounds it into the
+        // plan's bf16 output (absent when a flash recompute keeps only the statistics).
+        bf16* y = o.out[0].bytes > 0 ? out(0) : nullptr;
+        attention_forward(sh, x, grow(im.out32, out_elems), out32(1), op.step == 0, last ? y : nullptr, st);
+        break;
+      }
+      const bf16* dout = in(0);
+      float* delta = grow(im.delta, z.b * z.a_l * z.S);
+      const i64 qkv_elems = z.T * z.qkv_cols;
+      float* dqkv32 = grow(im.dqkv32, qkv_elems);
+      if (op.step == 0) {
+        float* y32 = grow(im.out32, out_elems);
+        convert(in(3), y32, out_elems, st);
+        attention_backward_delta(sh, y32, dout, delta, st);
+        PX_CUDA_CHECK(cudaMemsetAsync(dqkv32, 0, static_cast<std::size_t>(qkv_elems) * sizeof(float), st));
+      }
+      const float* lse = in32(4);
+      if (!packed) {
+        attention_backward(sh, x, lse, delta, dout, {dqkv32, dqkv32 + k_off, dqkv32 + v_off, z.qkv_cols, z.qkv_cols, z.qkv_cols}, st);
+        convert(dqkv32, out(0), qkv_elems, true, st);
+        break;
+      }
+      // dK, dV of the travelling block: what earlier ranks added (bf16 on the wire), plus this rank's share.
+      const i64 kv_elems = z.T * kv_ld;
+      float* dkv32 = grow(im.dkv32, kv_elems);
+      if (o.in.size() > 5)
+        convert(in(5), dkv32, kv_elems, st);
+      else
+        PX_CUDA_CHECK(cudaMemsetAsync(dkv32, 0, static_cast<std::size_t>(kv_elems) * sizeof(float), st));
+      attention_backward(sh, x, lse, delta, dout, {dqkv32, dkv32, dkv32 + z.g_l * z.d, z.qkv_cols, kv_ld, kv_ld}, st);
+      convert(dkv32, out(1), kv_elems, false, st);
+      if (last) convert(dqkv32, out(0), qkv_elems, true, st);
+      break;
+    }
+    case OpKind::Copy: {
+      const i64 width = 2 * z.g_l * z.d, first = z.a_l * z.d;
+      if (op.variant == Variant::PackKeyValues)
+        copy_columns(in(0) + first, z.qkv_cols, out(0), width, op.m, width, false, st);
+      else
+        copy_columns(in(0), width, out(0) + first, z.qkv_cols, op.m, width, true, st);
+      break;
+    }
+    case OpKind::Activation: {
+      const bool swiglu = plan_.model.activation == px::Activation::SwiGLU;
+      if (fwd) {
+        if (swiglu)
+          swiglu_forward(in(0), out(0), op.m, op.n, st);
+        else
+          gelu_forward(in(0), out(0), count<bf16>(o.out[0]), st);
+      } else if (swiglu) {
+        swiglu_backward(in(0), in(1), out(0), op.m, op.n, st);
+      } else {
+        gelu_backward(in(0), in(1), out(0), count<bf16>(o.out[0]), st);
+      }
+      break;
+    }
+    case OpKind::DropoutAdd: {
+      const double p = plan_.model.hidden_dropout;
+      if (fwd) {
+        const bool plain = op.variant == Variant::EmbeddingDropout;
+        const bf16* residual = plain ? nullptr : in(1);
+        const bf16* bias = !plain && o.in.size() > 2 ? in(2) : nullptr;
+        if (o.out.size() < 2) {  // out = residual + branch + bias
+          add_bias_residual(in(0), bias, residual, out(0), op.m, op.n, st);
+          break;
+        }
+        const bf16* branch = in(0);
+        if (bias) {
+          bf16* t = grow(im.tmp, op.m * op.n);
+          add_bias_residual(in(0), bias, nullptr, t, op.m, op.n, st);
+          branch = t;
+        }
+        ctx_.fetch_micro_batch(op.micro_batch);
+        const std::vector<std::uint64_t> keys = ctx_.dropout_keys(op, op.m);
+        const i64 off = im.key_offset[index];
+        std::copy(keys.begin(), keys.end(), im.host_keys.data() + off);
+        PX_CUDA_CHECK(cudaMemcpyAsync(im.keys.data() + off, im.host_keys.data() + off, keys.size() * sizeof(std::uint64_t),
+                                      cudaMemcpyHostToDevice, st));
+        // Masks are keyed by element, so sharing the weights' seed draws nothing twice.
+        dropout_add_forward(branch, residual, out(0), at<std::uint8_t>(arena, o.out[1]), im.keys.data() + off, op.m, op.n, p, opt_.seed,
+                            st);
+        break;
+      }
+      if (o.in.size() > 1)
+        dropout_backward(in(0), at<std::uint8_t>(arena, o.in[1]), out(0), op.m * op.n, p, st);
+      else
+        PX_CUDA_CHECK(cudaMemcpyAsync(out(0), in(0), static_cast<std::size_t>(o.out[0].bytes), cudaMemcpyDeviceToDevice, st));
+      if (o.out.size() > 1) column_sums_add(out(0), op.m, op.n, out32(1), st);
+      break;
+    }
+    case OpKind::CrossEntropy: {
+      const i64 rows = op.m, cols = op.n, vocab_begin = ctx_.coord().tp * z.V_l;
+      const auto n = rows;
+      if (op.phase == Phase::Forward) {
+        if (op.variant == Variant::CrossEntropyPartials) {
+          float* sums = out32(0);
+          cross_entropy_partials(at<bf16>(arena, o.in[0]), targets, vocab_begin, in32(1), sums, sums + n, rows, cols, st);
+          break;
+        }
+        // The saved logits: bf16, in the first half of the plan's fp32 buffer.
+        bf16* saved = out(0);
+        float* stats = out32(1);
+        PX_CUDA_CHECK(cudaMemcpyAsync(saved, in(0), static_cast<std::size_t>(rows * cols) * sizeof(bf16), cudaMemcpyDeviceToDevice, st));
+        if (op.variant == Variant::CrossEntropyMax)
+          cross_entropy_row_max(saved, stats, rows, cols, st);
+        else
+          cross_entropy_forward_fused(saved, targets, stats, stats + n, stats + 2 * n, grow(im.losses, n), rows, cols, st);
+        break;
+      }
+      const bf16* saved = in(0);
+      const float* stats = in32(1);
+      float* losses = grow(im.losses, n);
+      cross_entropy_loss(stats, stats + n, stats + 2 * n, losses, rows, st);
+      sum_add(losses, n, im.loss_sum.data(), st);
+      loss_.tokens += rows;
+      // The job's loss is the mean over every token of the global batch.
+      const double tokens_total = static_cast<double>(plan_.plan.global_batch_size) * static_cast<double>(z.s);
+      float* dloss = grow(im.dloss, n);
+      fill(dloss, n, static_cast<float>(1.0 / tokens_total), st);
+      cross_entropy_backward(saved, targets, vocab_begin, stats, stats + n, dloss, out(0), rows, cols, st);
+      break;
+    }
+    case OpKind::OptimizerStep:
+      if (op.variant == Variant::GradNorm) {
+        // Each rank's share of the squared global norm; the DP all-reduce that follows sums them.
+        sum_of_squares(im.owned_grads, im.norm_sq.data(), im.sos.data(), st);
+        convert(im.norm_sq.data(), out32(0), 1, st);
+      } else {
+        convert(in32(0), im.norm_sq.data(), 1, st);
+        clip_coefficient(im.norm_sq.data(), opt_.clip_grad, im.clip.data(), st);
+        adamw_step(im.adamw, opt_.adamw, {step_, 1.0, im.clip.data()}, st);
+      }
+      break;
+    default:
+      throw Error(ErrorKind::Usage, {}, fmt::format("op '{}' ({}) is not on the CUDA engine", name, to_string(op.kind)), "");
+  }
+  PX_CUDA_CHECK(cudaEventRecord(im.end[index], st));
+  im.timed[index] = 1;
+  nvtxRangePop();
+}
+
+}  // namespace px::cuda

@@ -1,0 +1,72 @@
+// The CUDA backend of the executor: runs each compute op of a rank's bf16 program on the CUDA
+// kernels, on one stream of one device, reading the operand views the plan compiler wrote (see
+// "Operands" in engine/plan/README.md) exactly as the CPU backend does, with the rank's
+// bookkeeping shared with it (engine/backends/cpu/rank_context.hpp). The arena lives in device
+// memory; every op is bracketed by CUDA events and an NVTX range named after it, and the
+// executor's device_timings() turns the events into the op times of the trace.
+//
+// Precision: activations, weights and their working copies bf16; weight and bias gradients fp32
+// (plans must have grad_dtype fp32); optimizer state per buffer [m | v | master], fp32, the master
+// copy initialised from the same values as the CPU's weights. Attention keeps its running output
+// and its q/k/v gradients in fp32 scratch across a ring's blocks and rounds once into the plan's
+// bf16 tensors. Cross-entropy keeps the bf16 logits in the first half of the plan's fp32 logits
+// buffer (its own ops alone read it) and sums the loss on the device.
+//
+// Runs one rank alone: a one-rank plan, or one rank of a larger one with stand-in communicators
+// (the executor's device mode moves no data for comm ops). Not yet: MoE layers, optimizer
+// offload, multi-GPU NCCL execution.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "engine/backends/cpu/cpu_backend.hpp"
+#include "engine/backends/cpu/rank_context.hpp"
+#include "engine/exec/training_backend.hpp"
+
+namespace px::cuda {
+
+class CudaBackend final : public TrainingBackend, public ArenaMemory {
+ public:
+  // On the current CUDA device. Throws px::Error for a plan it cannot run (not bf16 with fp32
+  // gradients, MoE, offload) and CudaError when there is no usable device.
+  CudaBackend(const CompiledPlan& plan, int rank, const TokenSource& data, const cpu::TrainOptions& options);
+  ~CudaBackend() override;
+  CudaBackend(const CudaBackend&) = delete;
+  CudaBackend& operator=(const CudaBackend&) = delete;
+
+  void initialize(TensorArena& arena) override;
+  void begin_iteration(std::int64_t iteration) override;
+  void run(const Program& program, std::uint32_t index, TensorArena& arena) override;
+  const LossSum& loss() const override { return loss_; }
+  double grad_norm() const override { return grad_norm_; }
+  bool reports_loss() const override { return ctx_.reports_loss(); }
+  std::string device_name() const override;
+
+  ArenaMemory* arena_memory() override { return this; }
+  void mark(std::uint32_t index) override;
+  void device_timings(std::span<OpTiming> timings) override;
+
+  std::byte* allocate(std::size_t bytes) override;
+  void release(std::byte* p) override;
+  void zero(std::span<std::byte> bytes) override;
+
+  // The rank's weights (bf16 working copies, widened) or fp32 gradients at their global indices,
+  // as CpuBackend::export_owned writes them: for checking a device run against the CPU's.
+  void export_owned(TensorArena& arena, cpu::RankContext::Export what, std::map<std::string, std::vector<double>>& out) const;
+
+  struct Impl;  // in cuda_backend.cpp
+
+ private:
+  const CompiledPlan& plan_;
+  const Program& program_;
+  cpu::RankContext ctx_;
+  cpu::TrainOptions opt_;
+  std::unique_ptr<Impl> impl_;
+  LossSum loss_;
+  double grad_norm_ = 0;
+  std::int64_t step_ = 0;
+};
+
+}  // namespace px::cuda
