@@ -1,9 +1,9 @@
 // The CUDA backend through the executor against the CPU backend on the same one-rank plans (the
 // CPU engine's equivalence tests tie that to the single-rank reference model): GPT-style
 // (LayerNorm, GELU, learned positions, biases, dropout) and Llama-style (RMSNorm, SwiGLU, RoPE,
-// GQA) models, every recompute mode, gradient accumulation and ZeRO's sharded code paths. The GPU
-// computes in bf16 with fp32 accumulation and fp32 master weights, the CPU in fp32, so they agree
-// to bf16 accuracy: each iteration's loss within 2% (activations are rounded to 8 bits of
+// GQA) models, a mixture-of-experts model, every recompute mode, gradient accumulation, ZeRO's
+// sharded code paths and optimizer offload. The GPU computes in bf16 with fp32 accumulation and
+// fp32 master weights, the CPU in fp32, so they agree to bf16 accuracy: each iteration's loss within 2% (activations are rounded to 8 bits of
 // mantissa at every op of every layer, about 0.4% each, largely averaging out over the tokens), the
 // first iteration's per-tensor gradients within 5% relative L2 error and the gradient norm within
 // 5%. Also: one rank of a tp2 plan emulated on stand-ins computes finite losses, and op times come
@@ -40,6 +40,10 @@ struct Case {
   Recompute recompute = Recompute::None;
   int global_batch = 1;
   int zero = 0;
+  bool offload = false;
+  // MoE: a near-tied top-k choice may flip between bf16 and fp32 router logits and send a token
+  // to another expert, so only losses and norms are compared.
+  bool gradients = true;
 };
 void PrintTo(const Case& c, std::ostream* os) { *os << c.name; }
 
@@ -52,6 +56,7 @@ PlanSpec plan_spec(const Case& c, const ModelSpec& model, DType precision) {
   p.seq_length = 64;
   p.recompute = c.recompute;
   p.zero_stage = c.zero;
+  p.optimizer_offload = c.offload;
   return resolve_plan(p, model, nullptr);
 }
 
@@ -83,7 +88,9 @@ class CudaBackendEquivalence : public ::testing::TestWithParam<Case> {};
 TEST_P(CudaBackendEquivalence, LossesAndGradientsMatchTheCpuBackendToBf16Accuracy) {
   PX_REQUIRE_GPU();
   const Case& c = GetParam();
-  const ModelSpec model = model_file(c.model);
+  ModelSpec model = model_file(c.model);
+  // No token is ever dropped (capacity = all tokens), as in the CPU engine's equivalence tests.
+  if (model.is_moe()) model.moe->capacity_factor = static_cast<double>(model.moe->num_experts) / model.moe->top_k;
   const SyntheticTokens data(model.vocab_size, 7);
   const CompiledPlan cpu_plan = compile_plan(model, plan_spec(c, model, DType::F32));
   const CompiledPlan gpu_plan = compile_plan(model, plan_spec(c, model, DType::BF16));
@@ -94,6 +101,7 @@ TEST_P(CudaBackendEquivalence, LossesAndGradientsMatchTheCpuBackendToBf16Accurac
     EXPECT_NEAR(got.losses[s], want.losses[s], 0.02 * want.losses[s]) << "iteration " << s;
     EXPECT_NEAR(got.norms[s], want.norms[s], 0.05 * want.norms[s]) << "iteration " << s;
   }
+  if (!c.gradients) return;
   ASSERT_EQ(got.grads.size(), want.grads.size());
   for (const auto& [name, w] : want.grads) {
     const std::vector<double>& g = got.grads.at(name);
@@ -112,7 +120,8 @@ INSTANTIATE_TEST_SUITE_P(OneRankPlans, CudaBackendEquivalence,
                          ::testing::Values(Case{"gpt", "tiny-gpt"}, Case{"gpt_selective", "tiny-gpt", Recompute::Selective},
                                            Case{"gpt_full", "tiny-gpt", Recompute::Full}, Case{"gpt_accumulate", "tiny-gpt", Recompute::None, 3},
                                            Case{"gpt_zero3", "tiny-gpt", Recompute::None, 2, 3}, Case{"llama", "tiny-llama"},
-                                           Case{"llama_full", "tiny-llama", Recompute::Full, 2}),
+                                           Case{"llama_full", "tiny-llama", Recompute::Full, 2}, Case{"gpt_offload", "tiny-gpt", Recompute::None, 2, 0, true},
+                                           Case{"moe", "tiny-moe", Recompute::None, 2, 0, false, false}),
                          [](const auto& p) { return std::string(p.param.name); });
 
 TEST(CudaBackend, EmulatesOneRankOfATp2PlanWithFiniteLossInProgramOrder) {
@@ -161,9 +170,9 @@ TEST(CudaBackend, RefusesPlansItCannotRun) {
   const SyntheticTokens data(model.vocab_size, 7);
   const CompiledPlan fp32 = compile_plan(model, plan_spec(Case{"x", "tiny-gpt"}, model, DType::F32));
   EXPECT_THROW(cuda::CudaBackend(fp32, 0, data, {}), Error);
-  const ModelSpec moe = model_file("tiny-moe");
-  const CompiledPlan moe_plan = compile_plan(moe, plan_spec(Case{"x", "tiny-moe"}, moe, DType::BF16));
-  EXPECT_THROW(cuda::CudaBackend(moe_plan, 0, data, {}), Error);
+  PlanSpec fp16 = plan_spec(Case{"x", "tiny-gpt"}, model, DType::BF16);
+  fp16.precision = DType::F16;
+  EXPECT_THROW(cuda::CudaBackend(compile_plan(model, resolve_plan(fp16, model, nullptr)), 0, data, {}), Error);
 }
 
 }  // namespace

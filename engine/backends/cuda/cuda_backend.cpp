@@ -14,6 +14,7 @@
 #include <thread>
 #include <utility>
 
+#include "engine/backends/cpu/adamw.hpp"
 #include "engine/backends/cuda/activation.hpp"
 #include "engine/backends/cuda/adamw.hpp"
 #include "engine/backends/cuda/attention.hpp"
@@ -23,6 +24,7 @@
 #include "engine/backends/cuda/dropout.hpp"
 #include "engine/backends/cuda/embedding.hpp"
 #include "engine/backends/cuda/gemm.hpp"
+#include "engine/backends/cuda/moe.hpp"
 #include "engine/backends/cuda/norm.hpp"
 #include "engine/backends/cuda/rope.hpp"
 #include "engine/backends/cuda/tensor_ops.hpp"
@@ -94,12 +96,27 @@ struct CudaBackend::Impl {
   DeviceBuffer<std::uint64_t> keys;
 
   DeviceBuffer<std::byte> workspace;  // norm and embedding backward
-  DeviceBuffer<float> out32, dqkv32, dkv32, delta, losses, dloss;
+  DeviceBuffer<float> out32, dqkv32, dkv32, delta, losses, dloss, d_logits;
+  DeviceBuffer<std::int32_t> row_assignment;
   DeviceBuffer<bf16> tmp;
   DeviceBuffer<double> loss_sum{1}, norm_sq{1}, sos{sum_of_squares_workspace_doubles()};
   DeviceBuffer<float> clip{1};
   std::vector<AdamWTensor> adamw;
   std::vector<GradTensor> owned_grads;
+
+  // Optimizer offload: fp32 master weights and Adam moments in host memory, the owned gradients
+  // copied down into pinned memory and the updated weights sent back up as bf16.
+  struct HostSlice {
+    bf16* weights;      // device: the owned range of the buffer's working copy
+    const float* grads;  // device: the owned range of its gradients
+    i64 host = 0;       // offset into the host vectors
+    i64 count = 0;
+    i64 state = 0;      // the buffer's optimizer offset (m, then v)
+  };
+  std::vector<HostSlice> host_slices;
+  std::vector<float> host_weights, host_state;
+  PinnedBuffer<float> host_grads, host_norm_sq{1};
+  PinnedBuffer<bf16> host_bf16;
 };
 
 CudaBackend::CudaBackend(const CompiledPlan& plan, int rank, const TokenSource& data, const cpu::TrainOptions& options)
@@ -108,10 +125,6 @@ CudaBackend::CudaBackend(const CompiledPlan& plan, int rank, const TokenSource& 
   if (p.precision != DType::BF16 || p.grad_dtype != DType::F32)
     throw Error(ErrorKind::Usage, {}, "the CUDA engine trains bf16 plans with fp32 gradients",
                 "pass --precision bf16 (and grad_dtype: fp32)");
-  if (plan.model.moe)
-    throw Error(ErrorKind::Usage, {plan.model.file, 0, 0, -1}, "the CUDA engine does not run MoE layers yet", "use the CPU engine");
-  if (p.optimizer_offload)
-    throw Error(ErrorKind::Usage, {}, "the CUDA engine does not offload the optimizer yet", "drop optimizer offload");
   if (ctx_.dims().d > 256)
     throw Error(ErrorKind::Usage, {plan.model.file, 0, 0, -1}, fmt::format("head dim {} exceeds the attention kernel's 256", ctx_.dims().d),
                 "use a model with head dim <= 256");
@@ -182,6 +195,8 @@ void CudaBackend::initialize(TensorArena& arena) {
   Impl& im = *impl_;
   im.adamw.clear();
   im.owned_grads.clear();
+  im.host_slices.clear();
+  im.host_weights.clear();
   std::uint32_t optimizer = 0;
   for (std::uint32_t t = 0; t < program_.tensors.size(); ++t)
     if (program_.tensors[t].cls == TensorClass::Optimizer) optimizer = t;
@@ -210,11 +225,17 @@ void CudaBackend::initialize(TensorArena& arena) {
       const cpu::RankContext::Range r = ctx_.optimizer_range(b);
       const i64 owned = r.end - r.begin;
       const i64 wbase = b.weight_sharded ? 0 : r.begin, gbase = b.grad_sharded ? 0 : r.begin;
-      float* m = state + b.optimizer_offset;
-      float* master = m + 2 * owned;
-      PX_CUDA_CHECK(cudaMemcpy(master, w.data() + wbase, static_cast<std::size_t>(owned) * sizeof(float), cudaMemcpyHostToDevice));
       float* grad = reinterpret_cast<float*>(arena.bytes(b.grad).data());
-      im.adamw.push_back({master, grad + gbase, m, m + owned, reinterpret_cast<bf16*>(wbytes.data()) + wbase, owned});
+      bf16* working = reinterpret_cast<bf16*>(wbytes.data()) + wbase;
+      if (plan_.plan.optimizer_offload) {
+        im.host_slices.push_back({working, grad + gbase, static_cast<i64>(im.host_weights.size()), owned, b.optimizer_offset});
+        im.host_weights.insert(im.host_weights.end(), w.begin() + wbase, w.begin() + wbase + owned);
+      } else {
+        float* m = state + b.optimizer_offset;
+        float* master = m + 2 * owned;
+        PX_CUDA_CHECK(cudaMemcpy(master, w.data() + wbase, static_cast<std::size_t>(owned) * sizeof(float), cudaMemcpyHostToDevice));
+        im.adamw.push_back({master, grad + gbase, m, m + owned, working, owned});
+      }
       // Each gradient element with one owner across the job enters the norm once.
       const i64 held = static_cast<i64>(arena.bytes(b.grad).size() / sizeof(float));
       const i64 base = b.grad_sharded ? r.begin : 0;
@@ -224,6 +245,11 @@ void CudaBackend::initialize(TensorArena& arena) {
         if (lo < hi) im.owned_grads.push_back({grad + lo, hi - lo});
       }
     }
+  }
+  if (plan_.plan.optimizer_offload) {
+    im.host_state.assign(static_cast<std::size_t>(program_.optimizer_elements), 0.0f);
+    im.host_grads = PinnedBuffer<float>(im.host_weights.size());
+    im.host_bf16 = PinnedBuffer<bf16>(im.host_weights.size());
   }
   PX_CUDA_CHECK(cudaDeviceSynchronize());
 }
@@ -271,6 +297,7 @@ void CudaBackend::device_timings(std::span<OpTiming> timings) {
   PX_CUDA_CHECK(cudaMemcpy(&sums[0], im.loss_sum.data(), sizeof(double), cudaMemcpyDeviceToHost));
   PX_CUDA_CHECK(cudaMemcpy(&sums[1], im.norm_sq.data(), sizeof(double), cudaMemcpyDeviceToHost));
   loss_.sum = sums[0];
+  if (plan_.plan.optimizer_offload) sums[1] = im.host_norm_sq.data()[0];
   grad_norm_ = std::sqrt(std::max(0.0, sums[1]));
 }
 
@@ -329,7 +356,7 @@ void CudaBackend::run(const Program& program, std::uint32_t index, TensorArena& 
       if (o.out.size() < 2) break;
       // The position table's gradient from the rows this rank's sequence shard holds (see the CPU backend).
       const i64 first = z.sp ? ctx_.coord().tp * z.Tres : 0, rows = z.sp ? z.Tres : z.T;
-      embedding_backward(in(0) + first * z.h, tokens + first, positions + first, rows, out32(0), vocab_begin, 0, out32(1), z.h,
+      embedding_backward(in(0) + first * z.h, tokens + first, positions + first, rows, nullptr, vocab_begin, 0, out32(1), z.h,
                          workspace(embedding_backward_workspace_bytes(rows)), embedding_backward_workspace_bytes(rows), st);
       break;
     }
@@ -378,8 +405,69 @@ void CudaBackend::run(const Program& program, std::uint32_t index, TensorArena& 
         case Variant::GemmWeightGradTransposed:  // dw[m x n] += dy^T x; reads [x (k x n), dy (k x m)]
           gemm(g, true, false, op.m, op.n, op.k, 1.0f, in(1), op.m, in(0), op.n, 1.0f, out32(0), op.n);
           break;
-        default:
-          throw Error(ErrorKind::Usage, {}, fmt::format("op '{}': grouped expert GEMMs are not on the CUDA engine", name), "");
+        default: {
+          // Grouped expert GEMMs: rows [ep][E/ep][slots], so per source rank the E/ep experts'
+          // blocks lie back to back, one strided-batched GEMM each.
+          const i64 slots = z.slots, El = z.E_l;
+          for (i64 src = 0; src < z.ep; ++src) {
+            const i64 row0 = src * El * slots;
+            switch (op.variant) {
+              case Variant::GemmGroupedForward:
+                linear_forward_batched(g, in(0) + row0 * op.k, in(1), o.in.size() > 2 ? in(2) : nullptr, out(0) + row0 * op.n, slots, op.n,
+                                       op.k, El);
+                break;
+              case Variant::GemmGroupedInputGrad:
+                linear_backward_input_batched(g, in(0) + row0 * op.k, in(1), out(0) + row0 * op.n, slots, op.k, op.n, El);
+                break;
+              case Variant::GemmGroupedWeightGrad:
+                linear_backward_weight_batched(g, in(0) + row0 * op.m, in(1) + row0 * op.n, out32(0), o.out.size() > 1 ? out32(1) : nullptr,
+                                               slots, op.n, op.m, El);
+                break;
+              default:
+                throw Error(ErrorKind::Usage, {}, fmt::format("op '{}': unknown GEMM variant", name), "");
+            }
+          }
+        }
+      }
+      break;
+    }
+    case OpKind::Router: {
+      const cpu::MoeShape shape{op.m, z.E, z.top_k, z.slots};
+      const i64 n = op.m * z.top_k;
+      const auto aux = static_cast<float>(opt_.moe_aux_coeff);
+      void* ws = workspace(router_workspace_bytes(shape));
+      if (fwd) {
+        auto* routing = at<std::int32_t>(arena, o.out[1]);
+        router_forward(in(0), out32(0), routing, routing + n, reinterpret_cast<float*>(routing + 2 * n), nullptr, shape,
+                       opt_.moe_renormalize, aux, ws, st);
+        break;
+      }
+      // The load-balancing loss is averaged over every micro-batch of the job, as the LM loss is.
+      const double micro_batches = static_cast<double>(plan_.num_micro_batches) * plan_.plan.dp() * plan_.plan.cp();
+      float* d = grow(im.d_logits, op.m * z.E);
+      router_backward(in32(0), in32(1), at<std::int32_t>(arena, o.in[2]), d, shape, opt_.moe_renormalize,
+                      static_cast<float>(aux / micro_batches), ws, st);
+      convert(d, out(0), op.m * z.E, false, st);
+      break;
+    }
+    case OpKind::Permute: {
+      const cpu::MoeShape shape{z.Tres, z.E, z.top_k, z.slots};
+      const i64 n = z.Tres * z.top_k;
+      const auto* routing = at<std::int32_t>(arena, o.in.back());
+      const std::int32_t *expert = routing, *slot = routing + n;
+      const auto* gate = reinterpret_cast<const float*>(routing + 2 * n);
+      const bool needs_map = (op.variant == Variant::Dispatch) == fwd;  // dispatch forward, combine backward
+      std::int32_t* map = grow(im.row_assignment, z.E * z.slots);
+      if (needs_map) dispatch_map(expert, slot, map, shape, st);
+      if (op.variant == Variant::Dispatch) {
+        if (fwd)
+          permute_forward(in(0), map, out(0), shape, z.h, st);
+        else
+          permute_backward(in(0), expert, slot, out(0), shape, z.h, st);
+      } else if (fwd) {
+        unpermute_forward(in(0), expert, slot, gate, out(0), shape, z.h, st);
+      } else {
+        unpermute_backward(in(0), in(1), gate, map, out(0), out32(1), shape, z.h, st);
       }
       break;
     }
@@ -529,12 +617,37 @@ void CudaBackend::run(const Program& program, std::uint32_t index, TensorArena& 
         // Each rank's share of the squared global norm; the DP all-reduce that follows sums them.
         sum_of_squares(im.owned_grads, im.norm_sq.data(), im.sos.data(), st);
         convert(im.norm_sq.data(), out32(0), 1, st);
+      } else if (op.stream == Stream::Host) {
+        // The offloaded step runs on this thread once the gradients' copy has landed; the device
+        // idles meanwhile, so the op's events span the host's work.
+        PX_CUDA_CHECK(cudaStreamSynchronize(st));
+        const double clip = cpu::clip_coefficient(std::sqrt(std::max(0.0f, im.host_norm_sq.data()[0])), opt_.clip_grad);
+        for (const Impl::HostSlice& h : im.host_slices) {
+          const auto n = static_cast<std::size_t>(h.count);
+          const std::span<float> w(im.host_weights.data() + h.host, n), m(im.host_state.data() + h.state, n),
+              v(im.host_state.data() + h.state + h.count, n);
+          cpu::adamw_step<float>(w, std::span<const float>(im.host_grads.data() + h.host, n), m, v, opt_.adamw, step_, clip);
+        }
       } else {
         convert(in32(0), im.norm_sq.data(), 1, st);
         clip_coefficient(im.norm_sq.data(), opt_.clip_grad, im.clip.data(), st);
         adamw_step(im.adamw, opt_.adamw, {step_, 1.0, im.clip.data()}, st);
       }
       break;
+    case OpKind::CopyD2H:
+      PX_CUDA_CHECK(cudaMemcpyAsync(im.host_norm_sq.data(), in32(0), sizeof(float), cudaMemcpyDeviceToHost, st));
+      for (const Impl::HostSlice& h : im.host_slices)
+        PX_CUDA_CHECK(cudaMemcpyAsync(im.host_grads.data() + h.host, h.grads, static_cast<std::size_t>(h.count) * sizeof(float),
+                                      cudaMemcpyDeviceToHost, st));
+      break;
+    case OpKind::CopyH2D: {
+      const std::vector<bf16> w = to_bf16(im.host_weights);
+      std::copy(w.begin(), w.end(), im.host_bf16.data());
+      for (const Impl::HostSlice& h : im.host_slices)
+        PX_CUDA_CHECK(cudaMemcpyAsync(h.weights, im.host_bf16.data() + h.host, static_cast<std::size_t>(h.count) * sizeof(bf16),
+                                      cudaMemcpyHostToDevice, st));
+      break;
+    }
     default:
       throw Error(ErrorKind::Usage, {}, fmt::format("op '{}' ({}) is not on the CUDA engine", name, to_string(op.kind)), "");
   }

@@ -13,8 +13,9 @@
 // buffer (its own ops alone read it) and sums the loss on the device.
 //
 // Runs one rank alone: a one-rank plan, or one rank of a larger one with stand-in communicators
-// (the executor's device mode moves no data for comm ops). Not yet: MoE layers, optimizer
-// offload, multi-GPU NCCL execution.
+// (the executor's device mode moves no data for comm ops). Optimizer offload keeps the fp32
+// master weights and Adam moments in host memory and steps them there with the CPU's AdamW. Not
+// yet: multi-GPU execution over NCCL.
 #pragma once
 
 #include <cstdint>
@@ -30,7 +31,7 @@ namespace px::cuda {
 class CudaBackend final : public TrainingBackend, public ArenaMemory {
  public:
   // On the current CUDA device. Throws px::Error for a plan it cannot run (not bf16 with fp32
-  // gradients, MoE, offload) and CudaError when there is no usable device.
+  // gradients) and CudaError when there is no usable device.
   CudaBackend(const CompiledPlan& plan, int rank, const TokenSource& data, const cpu::TrainOptions& options);
   ~CudaBackend() override;
   CudaBackend(const CudaBackend&) = delete;
