@@ -64,6 +64,8 @@ void add_plan_flags(CLI::App* cmd, Options& o) {
   cmd->add_flag("--offload", f.offload, "Optimizer states and step on the host");
   cmd->add_flag("--overlap-param-gather", f.overlap_param_gather,
                 "ZeRO-1/2: gather updated weights at the next iteration's start, overlapped with its forward");
+  cmd->add_flag("--tp-comm-overlap", f.tp_comm_overlap,
+                "SP: tensor-parallel all-gathers and reduce-scatters as ring steps overlapped with their GEMMs");
   cmd->add_flag("--no-flash-attn", f.no_flash_attn, "Unfused attention (keeps s x s softmax for backward)");
   cmd->add_flag("--json", o.json, "Machine-readable output");
 }
@@ -105,6 +107,7 @@ PlanSpec build_plan(const SpecCatalog& cat, const PlanFlags& f, const ModelSpec&
   if (f.sequence_parallel) p.sequence_parallel = true;
   if (f.offload) p.optimizer_offload = true;
   if (f.overlap_param_gather) p.overlap_param_gather = true;
+  if (f.tp_comm_overlap) p.tp_comm_overlap = true;
   if (f.no_flash_attn) p.use_flash_attn = false;
   return resolve_plan(p, model, cluster);
 }

@@ -17,7 +17,7 @@ struct PlanFlags {
   std::string plan_file;
   std::optional<int> tp, pp, cp, ep, dp, micro_batch, global_batch, virtual_stages, layers_per_virtual_stage, seq_length, zero;
   std::string schedule, recompute, precision;
-  bool sequence_parallel = false, offload = false, no_flash_attn = false, overlap_param_gather = false;
+  bool sequence_parallel = false, offload = false, no_flash_attn = false, overlap_param_gather = false, tp_comm_overlap = false;
 };
 
 struct TrainFlags {

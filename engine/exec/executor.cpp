@@ -157,8 +157,22 @@ void Executor::wait_for(std::uint32_t op) {
 }
 
 // The arena reuses bytes of dead tensors; a comm op still reading or writing them must end first.
+// And a comm op reading what an earlier comm op of its own stream is still receiving (the next
+// hop of a ring) waits for it: the program orders the two only by their stream.
 void Executor::wait_overlapping(std::uint32_t index) {
   const Op& op = program_.ops[index];
+  for (const TensorUse& u : program_.uses_of(op)) {
+    if (u.write) continue;
+    const std::pair<std::int64_t, std::int64_t> r{arena_.offset(u.tensor) + u.offset, arena_.offset(u.tensor) + u.offset + u.bytes};
+    for (std::size_t f = 0; f < in_flight_.size();) {
+      const bool hit = std::any_of(in_flight_[f].writes.begin(), in_flight_[f].writes.end(), [&](auto w) { return overlaps(w, r); });
+      if (hit && in_flight_[f].op != index) {
+        wait_for(in_flight_[f].op);
+      } else {
+        ++f;
+      }
+    }
+  }
   for (const TensorUse& u : program_.uses_of(op)) {
     if (!u.write) continue;
     const std::pair<std::int64_t, std::int64_t> w{arena_.offset(u.tensor), arena_.offset(u.tensor) + program_.tensors[u.tensor].bytes};  // the whole tensor: it may be zeroed
@@ -195,11 +209,12 @@ void Executor::post(std::uint32_t index) {
   const auto elems = static_cast<std::size_t>(op.comm_bytes) / sizeof(float);
   const auto n = static_cast<std::size_t>(c.size());
   std::vector<TensorUse> reads, writes;
-  InFlight f{index, {}, {}, {}, {}};
+  InFlight f{index, {}, {}, {}, {}, {}};
   f.staging.reserve(2);  // spans into staging buffers must survive later push_backs
   for (const TensorUse& u : program_.uses_of(op)) {
     (u.write ? writes : reads).push_back(u);
     f.ranges.emplace_back(arena_.offset(u.tensor) + u.offset, arena_.offset(u.tensor) + u.offset + u.bytes);
+    if (u.write) f.writes.push_back(f.ranges.back());
   }
   // Concatenation of views.
   auto pack = [&](const std::vector<TensorUse>& us) {

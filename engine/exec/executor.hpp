@@ -81,6 +81,7 @@ class Executor {
     std::uint32_t op;
     std::vector<CommHandlePtr> handles;
     std::vector<std::pair<std::int64_t, std::int64_t>> ranges;  // arena bytes it reads or writes
+    std::vector<std::pair<std::int64_t, std::int64_t>> writes;  // arena bytes it writes
     std::vector<std::vector<float>> staging;  // packed buffers it owns; the last one is its output
     struct Unpack {
       TensorUse use;      // the view it fills

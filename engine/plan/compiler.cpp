@@ -249,6 +249,48 @@ class StageCompiler {
     return out;
   }
 
+  // tp_comm_overlap, all-gather side: y = all_gather(shard) w (+ b) as tp ring steps; each GEMM
+  // multiplies the block that just arrived while it moves on to the next rank (see Op).
+  void ag_gemm(std::string_view nm, i64 n, i64 k, std::uint32_t shard, V w, std::optional<V> b, std::uint32_t y) {
+    const std::string ring = std::string(nm) + ".ring";
+    std::uint32_t cur = shard;
+    for (int i = 0; i < D_.tp; ++i) {
+      std::uint32_t next = cur;
+      if (i + 1 < D_.tp) {
+        next = act(ring, D_.Tres * k, TensorClass::Temporary);
+        comm(OpKind::RingExchange, GroupKind::TP, ring, D_.e * D_.Tres * k, Stream::TensorComm, {cur}, {next}, 1);
+      }
+      std::vector<V> reads = {cur, w};
+      if (b) reads.push_back(*b);
+      tp_step(gemm(nm, Variant::GemmForward, D_.Tres, n, k, 1, reads, {y}), i, 1);
+      cur = next;
+    }
+  }
+  // tp_comm_overlap, reduce-scatter side: this rank's block of the group's sum of x w (a forward,
+  // or dx = x w^T for GemmInputGrad) as tp ring steps: each GEMM makes one block's partial, adds
+  // the partial sum that arrived for it and passes it on; the last step's is the rank's own block.
+  std::uint32_t gemm_rs(std::string_view nm, Variant variant, i64 n, i64 k, std::uint32_t x, V w) {
+    const std::string ring = std::string(nm) + ".ring", part_nm = std::string(nm) + ".partial";
+    std::optional<std::uint32_t> arrived;
+    std::uint32_t part = 0;
+    for (int i = 0; i < D_.tp; ++i) {
+      part = act(part_nm, D_.Tres * n, TensorClass::Temporary);
+      tp_step(gemm(nm, variant, D_.Tres, n, k, 1, {x, w}, {part}), i, -1);
+      if (arrived) elementwise(OpKind::Copy, std::string(nm) + ".accumulate", D_.Tres, n, 1.0, {*arrived, part}, {part}, Variant::Accumulate);
+      if (i + 1 < D_.tp) {
+        arrived = act(ring, D_.Tres * n, TensorClass::Temporary);
+        comm(OpKind::RingExchange, GroupKind::TP, ring, D_.e * D_.Tres * n, Stream::TensorComm, {part}, {*arrived}, 1);
+      }
+    }
+    return part;
+  }
+  void tp_step(std::uint32_t gemm_op, int step, std::int8_t side) {
+    Op& op = prog_.ops[gemm_op];
+    op.group = GroupKind::TP;
+    op.step = static_cast<std::uint8_t>(step);
+    op.peer = side;
+  }
+
   // ---- parameter buffers ----
   int group_size(GroupKind g) const { return g == GroupKind::ExpertDP ? edp_group_ : dp_group_; }
 
@@ -534,14 +576,24 @@ class StageCompiler {
     // attention block
     A.ln1_out = act("ln1.out", D_.Tres * D_.h, cls);
     norm_fwd("ln1", x_in, wt, w.norm1_w, w.norm1_b, A.ln1_out);
-    const auto qkv_in = sp_gather("ln1.all_gather", A.ln1_out);
-    A.qkv = act("qkv.out", D_.T * D_.qkv_cols, cls);
-    gemm_fwd("qkv", D_.T, D_.qkv_cols, D_.h, 1, qkv_in, V(wt, w.qkv_w), opt(wt, w.qkv_b), A.qkv);
+    if (P_.tp_comm_overlap) {
+      A.qkv = act("qkv.out", D_.T * D_.qkv_cols, cls);
+      ag_gemm("qkv", D_.qkv_cols, D_.h, A.ln1_out, V(wt, w.qkv_w), opt(wt, w.qkv_b), A.qkv);
+    } else {
+      const auto qkv_in = sp_gather("ln1.all_gather", A.ln1_out);
+      A.qkv = act("qkv.out", D_.T * D_.qkv_cols, cls);
+      gemm_fwd("qkv", D_.T, D_.qkv_cols, D_.h, 1, qkv_in, V(wt, w.qkv_w), opt(wt, w.qkv_b), A.qkv);
+    }
     if (D_.rope) elementwise(OpKind::Rope, "rope", D_.T, (D_.a_l + D_.g_l) * D_.d, 6.0, {A.qkv}, {A.qkv});
     attention_forward(A, core_cls, cls);
-    const auto proj = act("proj.out", D_.T * D_.h, TensorClass::Temporary);
-    gemm_fwd("proj", D_.T, D_.h, D_.a_l * D_.d, 1, A.attn_out, V(wt, w.proj_w), std::nullopt, proj);
-    const auto branch1 = tp_reduce("proj.tp_reduce", proj);
+    std::uint32_t branch1 = 0;
+    if (P_.tp_comm_overlap) {
+      branch1 = gemm_rs("proj", Variant::GemmForward, D_.h, D_.a_l * D_.d, A.attn_out, V(wt, w.proj_w));
+    } else {
+      const auto proj = act("proj.out", D_.T * D_.h, TensorClass::Temporary);
+      gemm_fwd("proj", D_.T, D_.h, D_.a_l * D_.d, 1, A.attn_out, V(wt, w.proj_w), std::nullopt, proj);
+      branch1 = tp_reduce("proj.tp_reduce", proj);
+    }
     A.x_mid = act("residual1.out", D_.Tres * D_.h, cls);
     A.has_mask = D_.hidden_dropout;
     if (A.has_mask) A.mask1 = mask("dropout1.mask", D_.Tres * D_.h, cls);
@@ -634,11 +686,17 @@ class StageCompiler {
   std::uint32_t mlp_forward(int l, LayerActs& A, TensorClass cls) {
     const LayerWeights& w = layers_.at(l);
     const std::uint32_t wt = W(l);
-    const auto fc_in = sp_gather("ln2.all_gather", A.ln2_out);
-    A.fc1_out = act("fc1.out", D_.T * D_.f_l * D_.gated(), cls);
-    gemm_fwd("fc1", D_.T, D_.f_l * D_.gated(), D_.h, 1, fc_in, V(wt, w.fc1_w), opt(wt, w.fc1_b), A.fc1_out);
+    if (P_.tp_comm_overlap) {
+      A.fc1_out = act("fc1.out", D_.T * D_.f_l * D_.gated(), cls);
+      ag_gemm("fc1", D_.f_l * D_.gated(), D_.h, A.ln2_out, V(wt, w.fc1_w), opt(wt, w.fc1_b), A.fc1_out);
+    } else {
+      const auto fc_in = sp_gather("ln2.all_gather", A.ln2_out);
+      A.fc1_out = act("fc1.out", D_.T * D_.f_l * D_.gated(), cls);
+      gemm_fwd("fc1", D_.T, D_.f_l * D_.gated(), D_.h, 1, fc_in, V(wt, w.fc1_w), opt(wt, w.fc1_b), A.fc1_out);
+    }
     A.act_out = act("activation.out", D_.T * D_.f_l, cls);
     elementwise(OpKind::Activation, D_.swiglu ? "swiglu" : "gelu", D_.T, D_.f_l, D_.swiglu ? 6.0 : 10.0, {A.fc1_out}, {A.act_out});
+    if (P_.tp_comm_overlap) return gemm_rs("fc2", Variant::GemmForward, D_.h, D_.f_l, A.act_out, V(wt, w.fc2_w));
     const auto fc2 = act("fc2.out", D_.T * D_.h, TensorClass::Temporary);
     gemm_fwd("fc2", D_.T, D_.h, D_.f_l, 1, A.act_out, V(wt, w.fc2_w), std::nullopt, fc2);
     return tp_reduce("fc2.tp_reduce", fc2);
@@ -720,14 +778,21 @@ class StageCompiler {
     const auto d_qkv = act("qkv.grad_out", D_.T * D_.qkv_cols, TensorClass::Temporary);
     attention_backward(A, d_attn, d_qkv);
     if (D_.rope) elementwise(OpKind::Rope, "rope.bwd", D_.T, (D_.a_l + D_.g_l) * D_.d, 6.0, {d_qkv}, {d_qkv});
-    const auto d_ln1 = act("ln1.grad_out", D_.T * D_.h, TensorClass::Temporary);
-    gemm_dgrad("qkv.dgrad", D_.T, D_.qkv_cols, D_.h, 1, d_qkv, V(wt, w.qkv_w), d_ln1);
+    // The input gradient's reduction: a ring overlapped with its GEMM, or a collective after the
+    // weight gradient (which it then overlaps).
+    std::uint32_t d_ln1r = 0, d_ln1 = 0;
+    if (P_.tp_comm_overlap) {
+      d_ln1r = gemm_rs("qkv.dgrad", Variant::GemmInputGrad, D_.h, D_.qkv_cols, d_qkv, V(wt, w.qkv_w));
+    } else {
+      d_ln1 = act("ln1.grad_out", D_.T * D_.h, TensorClass::Temporary);
+      gemm_dgrad("qkv.dgrad", D_.T, D_.qkv_cols, D_.h, 1, d_qkv, V(wt, w.qkv_w), d_ln1);
+    }
     const i64 cols = D_.qkv_cols;
     wgrad([this, T, h, cols, ln1 = A.ln1_out, d_qkv, g, pw = w.qkv_w, pb = w.qkv_b] {
       const auto x = sp_gather("ln1.regather", ln1);  // SP keeps only the shard; gather it again
       gemm_wgrad("qkv.wgrad", T, cols, h, 1, x, d_qkv, V(g, pw), opt(g, pb));
     });
-    const auto d_ln1r = tp_reduce("ln1.grad_tp_reduce", d_ln1);
+    if (!P_.tp_comm_overlap) d_ln1r = tp_reduce("ln1.grad_tp_reduce", d_ln1);
     const auto dx = act("layer.grad_in", res, TensorClass::Temporary);
     norm_bwd("ln1.bwd", d_ln1r, A.x_in, wt, w.norm1_w, dy_mid, dx, g, w.norm1_w, w.norm1_b);
     return dx;
@@ -784,13 +849,23 @@ class StageCompiler {
     const auto d_fc1 = act("fc1.grad_out", D_.T * fg, TensorClass::Temporary);
     elementwise(OpKind::Activation, D_.swiglu ? "swiglu.bwd" : "gelu.bwd", D_.T, D_.f_l, D_.swiglu ? 8.0 : 14.0,
                 {d_act, A.fc1_out}, {d_fc1});
+    if (P_.tp_comm_overlap) {
+      const auto d_ln2r = gemm_rs("fc1.dgrad", Variant::GemmInputGrad, D_.h, fg, d_fc1, V(wt, w.fc1_w));
+      fc1_wgrad(A, d_fc1, g, w);
+      return d_ln2r;
+    }
     const auto d_ln2 = act("ln2.grad_out", D_.T * D_.h, TensorClass::Temporary);
     gemm_dgrad("fc1.dgrad", D_.T, fg, D_.h, 1, d_fc1, V(wt, w.fc1_w), d_ln2);
+    fc1_wgrad(A, d_fc1, g, w);
+    return tp_reduce("ln2.grad_tp_reduce", d_ln2);
+  }
+
+  void fc1_wgrad(const LayerActs& A, std::uint32_t d_fc1, std::uint32_t g, const LayerWeights& w) {
+    const i64 T = D_.T, h = D_.h, fg = D_.f_l * D_.gated();
     wgrad([this, T, h, fg, ln2 = A.ln2_out, d_fc1, g, pw = w.fc1_w, pb = w.fc1_b] {
       const auto x = sp_gather("ln2.regather", ln2);
       gemm_wgrad("fc1.wgrad", T, fg, h, 1, x, d_fc1, V(g, pw), opt(g, pb));
     });
-    return tp_reduce("ln2.grad_tp_reduce", d_ln2);
   }
 
   std::uint32_t moe_backward(int l, const LayerActs& A, std::uint32_t d_branch) {

@@ -62,6 +62,7 @@ nlohmann::json plan_to_json(const PlanSpec& p) {
           {"sequence_parallel", p.sequence_parallel},
           {"optimizer_offload", p.optimizer_offload},
           {"overlap_param_gather", p.overlap_param_gather},
+          {"tp_comm_overlap", p.tp_comm_overlap},
           {"use_flash_attn", p.use_flash_attn},
           {"precision", std::string(to_string(p.precision))},
           {"grad_dtype", std::string(to_string(p.grad_dtype))},

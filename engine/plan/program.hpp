@@ -146,6 +146,7 @@ enum class Variant : std::uint8_t {
   // Copy
   PackKeyValues = 24,  // K and V columns of a qkv tensor -> rows [K | V]
   AddKeyValueGrads,    // rows [dK | dV] added into the K and V columns of a qkv gradient
+  Accumulate,          // out += in, element for element (the partial sums of a TP ring)
   // OptimizerStep
   GradNorm = 28,
   AdamW,
@@ -163,6 +164,11 @@ enum class Variant : std::uint8_t {
 
 inline constexpr std::int32_t kNone = -1;
 
+// A Gemm with group TP is one step of a tensor-parallel ring that overlaps the GEMM with the
+// exchange of sequence blocks (tp_comm_overlap); its m is one block's rows, and tp_rank r at step
+// i works on block b: peer > 0 (all-gather side) multiplies the block that arrived (b = (r - i)
+// mod tp, the whole input operand) into rows b of its output; peer < 0 (reduce-scatter side)
+// multiplies rows b = (r - i - 1) mod tp of its input into a partial sum (the whole output).
 struct Op {
   OpKind kind = OpKind::Gemm;
   Phase phase = Phase::Forward;
@@ -172,7 +178,7 @@ struct Op {
   DType dtype = DType::BF16;
   std::uint8_t chunk = 0;     // virtual pipeline chunk
   Variant variant = Variant::Plain;
-  std::uint8_t step = 0;      // AttentionCore: ring step (0: the rank's own key/value block)
+  std::uint8_t step = 0;      // AttentionCore, TP-ring Gemm: ring step (0: the rank's own block)
   std::uint32_t name = 0;     // index into Program::names, e.g. "qkv"
   std::int32_t layer = kNone;        // global transformer layer index
   std::int32_t micro_batch = kNone;

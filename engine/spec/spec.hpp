@@ -149,6 +149,10 @@ struct PlanSpec {
   // the forward waits only for its own layer's (Megatron-LM's --overlap-param-gather), instead of
   // all at the end of the step.
   bool overlap_param_gather = false;
+  // Sequence-parallel all-gathers before the column-parallel GEMMs and reduce-scatters after the
+  // row-parallel ones run as tp ring steps, each GEMM on one sequence block while the next block
+  // travels (Megatron-LM's --tp-comm-overlap: Transformer Engine's ring-exchange overlap).
+  bool tp_comm_overlap = false;
   bool use_flash_attn = true;            // fused attention: no s x s tensors kept in memory
   DType precision = DType::BF16;         // weights and activations; master weights and Adam are fp32;
                                          // fp8: the GEMMs only, the rest bf16 (compiler.cpp)

@@ -76,7 +76,7 @@ constexpr std::string_view kPlanKeys[] = {
     "expert_model_parallel_size", "data_parallel_size", "micro_batch_size", "global_batch_size",
     "virtual_pipeline_model_parallel_size", "num_layers_per_virtual_pipeline_stage", "seq_length",
     "zero_stage", "pipeline_schedule", "recompute", "sequence_parallel", "optimizer_offload",
-    "overlap_param_gather", "use_flash_attn", "precision", "grad_dtype"};
+    "overlap_param_gather", "tp_comm_overlap", "use_flash_attn", "precision", "grad_dtype"};
 
 constexpr Activation kActivations[] = {Activation::Gelu, Activation::SwiGLU};
 constexpr NormKind kNorms[] = {NormKind::LayerNorm, NormKind::RMSNorm};
@@ -588,6 +588,7 @@ PlanSpec plan_from(const YAML::Node& root, const std::string& file) {
   r.read("sequence_parallel", p.sequence_parallel);
   r.read("optimizer_offload", p.optimizer_offload);
   r.read("overlap_param_gather", p.overlap_param_gather);
+  r.read("tp_comm_overlap", p.tp_comm_overlap);
   r.read("use_flash_attn", p.use_flash_attn);
   r.read_enum<DType>("precision", p.precision, kDTypes);
   r.read_enum<DType>("grad_dtype", p.grad_dtype, kDTypes);

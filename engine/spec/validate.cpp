@@ -284,6 +284,11 @@ PlanSpec resolve_plan(PlanSpec p, const ModelSpec& m, const ClusterSpec* cluster
                        p.zero_stage, p.optimizer_offload ? ", optimizer_offload" : ""),
            "set zero_stage: 1, or drop overlap_param_gather");
   }
+  if (p.tp_comm_overlap && !(p.sequence_parallel && p.tp() > 1)) {
+    c.fail({"tp_comm_overlap"}, fmt::format("tp_comm_overlap overlaps sequence parallelism's collectives, but this plan has {}",
+                                            p.tp() > 1 ? "no sequence parallelism" : "tp 1"),
+           "set sequence_parallel: true with tp > 1, or drop tp_comm_overlap");
+  }
   if (p.grad_dtype == DType::FP8) {
     c.fail({"grad_dtype"}, "grad_dtype fp8 is not supported: gradients accumulate in fp32, bf16 "
                            "or fp16", "use grad_dtype: fp32");

@@ -192,6 +192,17 @@ std::vector<Case> cases() {
       {"tp2", "tiny-gpt", 2, [](PlanSpec& p) { p.tensor_model_parallel_size = 2; batch(p, 1, 2); }},
       {"tp2_sp", "tiny-llama", 2, [](PlanSpec& p) { p.tensor_model_parallel_size = 2; p.sequence_parallel = true; batch(p, 2, 2); }},
       {"tp2_sp_gpt", "tiny-gpt", 2, [](PlanSpec& p) { p.tensor_model_parallel_size = 2; p.sequence_parallel = true; batch(p, 1, 2); }},
+      {"tp2_sp_tp_comm_overlap", "tiny-llama", 2,
+       [](PlanSpec& p) { p.tensor_model_parallel_size = 2; p.sequence_parallel = true; p.tp_comm_overlap = true; batch(p, 2, 2); }},
+      {"cp4", "tiny-llama", 4, [](PlanSpec& p) { p.context_parallel_size = 4; batch(p, 1, 1); }},
+      {"tp4_sp_tp_comm_overlap_gpt_selective", "tiny-gpt", 4,
+       [](PlanSpec& p) {
+         p.tensor_model_parallel_size = 4;
+         p.sequence_parallel = true;
+         p.tp_comm_overlap = true;
+         p.recompute = Recompute::Selective;
+         batch(p, 1, 2);
+       }},
       {"cp2", "tiny-llama", 2, [](PlanSpec& p) { p.context_parallel_size = 2; batch(p, 1, 2); }},
       {"ep2", "tiny-moe", 2, [](PlanSpec& p) { p.data_parallel_size = 2; p.expert_model_parallel_size = 2; batch(p, 1, 2); }},
       {"pp2_gpipe", "tiny-gpt-deep", 2, [](PlanSpec& p) { p.pipeline_model_parallel_size = 2; p.schedule = PipelineSchedule::GPipe; batch(p, 1, 4); }},

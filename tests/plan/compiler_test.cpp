@@ -80,6 +80,23 @@ const std::vector<Case>& strategy_cases() {
          p.expert_model_parallel_size = 2;
          batch(p, 1, 4);
        }},
+      {"tp2_sp_tp_comm_overlap", "tiny-llama",
+       [](PlanSpec& p) {
+         p.tensor_model_parallel_size = 2;
+         p.sequence_parallel = true;
+         p.tp_comm_overlap = true;
+         batch(p, 1, 2);
+       }},
+      {"tp4_sp_pp2_zero_bubble_tp_comm_overlap", "tiny-gpt-deep",
+       [](PlanSpec& p) {
+         p.tensor_model_parallel_size = 4;
+         p.sequence_parallel = true;
+         p.tp_comm_overlap = true;
+         p.pipeline_model_parallel_size = 2;
+         p.schedule = PipelineSchedule::ZeroBubble;
+         p.recompute = Recompute::Selective;
+         batch(p, 1, 4);
+       }},
       {"everything", "tiny-moe",
        [](PlanSpec& p) {
          p.tensor_model_parallel_size = 2;
@@ -194,6 +211,34 @@ TEST(CommVolume, SequenceParallelTradesAllReducesForGathersAndScatters) {
   EXPECT_EQ(comm_bytes(plan.roles[0], OpKind::AllReduce, GroupKind::TP, true), 0);
   EXPECT_EQ(comm_bytes(plan.roles[0], OpKind::ReduceScatter, GroupKind::TP, true), 4 * full);
   EXPECT_EQ(comm_bytes(plan.roles[0], OpKind::AllGather, GroupKind::TP, true), 6 * full);
+}
+
+TEST(CommVolume, TpCommOverlapRingsMoveWhatTheirCollectivesWould) {
+  // Megatron's --tp-comm-overlap: the forward gathers and both passes' reduce-scatters of the four
+  // linear layers become rings, each rank passing tp - 1 blocks, (tp - 1)/tp of the collective's
+  // buffer; the backward's gathers of output gradients and re-gathers for wgrad stay collectives.
+  for (const int tp : {2, 4}) {
+    const CompiledPlan plan = compile("tiny-gpt-deep", [tp](PlanSpec& p) {
+      p.tensor_model_parallel_size = tp;
+      p.sequence_parallel = true;
+      p.tp_comm_overlap = true;
+      batch(p, 1, 2);
+    });
+    const ModelSpec& m = plan.model;
+    const std::int64_t full = 2 * std::int64_t{m.seq_length} * m.hidden_size * 2 /*micro-batches*/ * m.num_layers;
+    const Program& prog = plan.roles[0];
+    EXPECT_EQ(comm_bytes(prog, OpKind::ReduceScatter, GroupKind::TP, true), 0) << "tp " << tp;
+    EXPECT_EQ(comm_bytes(prog, OpKind::AllGather, GroupKind::TP, true), 4 * full) << "tp " << tp;
+    EXPECT_EQ(comm_bytes(prog, OpKind::RingExchange, GroupKind::TP, true), 6 * full * (tp - 1) / tp) << "tp " << tp;
+    // Every GEMM of a ring is one block of rows: tp steps per ring, the same FLOPs.
+    int ring_gemms = 0;
+    for (const Op& op : prog.ops) {
+      if (op.kind != OpKind::Gemm || op.group != GroupKind::TP) continue;
+      ++ring_gemms;
+      EXPECT_EQ(op.m, m.seq_length / tp) << prog.name_of(op);
+    }
+    EXPECT_EQ(ring_gemms, 6 * tp * 2 * m.num_layers) << "tp " << tp;
+  }
 }
 
 TEST(CommVolume, DataParallelReducesEveryGradientOnce) {

@@ -153,13 +153,22 @@ void CpuBackend::norm(const Op& op, TensorArena& arena) {
 
 void CpuBackend::gemm(const Op& op, TensorArena& arena) {
   const Operands o = operands(program_, op);
-  const CF a = view(arena, o.in[0]), w = view(arena, o.in[1]);
+  CF a = view(arena, o.in[0]);
+  const CF w = view(arena, o.in[1]);
+  F y = view(arena, o.out[0]);
+  if (op.group == GroupKind::TP) {  // one step of a TP ring (see Op): one block of rows
+    const i64 block = ctx_.ring_block(op);
+    if (op.peer > 0)
+      y = y.subspan(static_cast<std::size_t>(block * op.m * op.n), static_cast<std::size_t>(op.m * op.n));
+    else
+      a = a.subspan(static_cast<std::size_t>(block * op.m * op.k), static_cast<std::size_t>(op.m * op.k));
+  }
   switch (op.variant) {
     case Variant::GemmForward:
-      linear_forward<float>(a, w, o.in.size() > 2 ? CF(view(arena, o.in[2])) : CF(), view(arena, o.out[0]), op.m, op.n, op.k);
+      linear_forward<float>(a, w, o.in.size() > 2 ? CF(view(arena, o.in[2])) : CF(), y, op.m, op.n, op.k);
       return;
     case Variant::GemmInputGrad:  // dx[m x n] = dy[m x k] w^T, w stored [n x k]
-      linear_backward_input<float>(a, w, view(arena, o.out[0]), op.m, op.k, op.n);
+      linear_backward_input<float>(a, w, y, op.m, op.k, op.n);
       return;
     case Variant::GemmInputGradAccumulate:
       linear_backward_input<float>(a, w, view(arena, o.out[0]), op.m, op.k, op.n, true);
@@ -194,7 +203,6 @@ void CpuBackend::gemm(const Op& op, TensorArena& arena) {
     switch (op.variant) {
       case Variant::GemmGroupedForward: {
         const CF bias = o.in.size() > 2 ? part(CF(view(arena, o.in[2])), j, op.n) : CF();
-        const F y = view(arena, o.out[0]);
         blocks(j, [&](i64 r) {
           linear_forward<float>(rows(a, r, z.slots, op.k), part(w, j, op.k * op.n), bias, rows(y, r, z.slots, op.n), z.slots, op.n, op.k);
         });
@@ -277,6 +285,12 @@ void CpuBackend::copy(const Op& op, TensorArena& arena) {
   const Sizes& z = z_;
   const Operands o = operands(program_, op);
   const i64 width = 2 * z.g_l * z.d, first = z.a_l * z.d;
+  if (op.variant == Variant::Accumulate) {
+    const CF in = view(arena, o.in[0]);
+    const F out = view(arena, o.out[0]);
+    for (std::size_t i = 0; i < out.size(); ++i) out[i] += in[i];
+    return;
+  }
   if (op.variant == Variant::PackKeyValues) {
     const CF qkv = view(arena, o.in[0]);
     const F kv = view(arena, o.out[0]);

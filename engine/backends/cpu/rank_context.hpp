@@ -70,6 +70,11 @@ class RankContext {
   std::span<const std::int32_t> tokens() const { return tokens_; }
   std::span<const std::int32_t> targets() const { return targets_; }
   std::span<const std::int32_t> positions() const { return positions_; }
+  // The sequence block a TP-ring GEMM step works on (see Op).
+  std::int64_t ring_block(const Op& op) const {
+    const int tp = z_.tp, r = coord_.tp, back = op.step + (op.peer > 0 ? 0 : 1);
+    return ((r - back) % tp + tp) % tp;
+  }
   // The dropout row keys of `rows` rows of a DropoutAdd op (its sequence shard's rows under SP).
   std::vector<std::uint64_t> dropout_keys(const Op& op, std::int64_t rows) const;
 

@@ -383,12 +383,21 @@ void CudaBackend::run(const Program& program, std::uint32_t index, TensorArena& 
     }
     case OpKind::Gemm: {
       GemmContext& g = *im.gemm;
+      const bf16* a = in(0);
+      bf16* y = out(0);
+      if (op.group == GroupKind::TP) {  // one step of a TP ring (see Op): one block of rows
+        const i64 block = ctx_.ring_block(op);
+        if (op.peer > 0)
+          y += block * op.m * op.n;
+        else
+          a += block * op.m * op.k;
+      }
       switch (op.variant) {
         case Variant::GemmForward:
-          linear_forward(g, in(0), in(1), o.in.size() > 2 ? in(2) : nullptr, out(0), op.m, op.n, op.k);
+          linear_forward(g, a, in(1), o.in.size() > 2 ? in(2) : nullptr, y, op.m, op.n, op.k);
           break;
         case Variant::GemmInputGrad:  // dx[m x n] = dy[m x k] w^T, w stored [n x k]
-          linear_backward_input(g, in(0), in(1), out(0), op.m, op.k, op.n);
+          linear_backward_input(g, a, in(1), y, op.m, op.k, op.n);
           break;
         case Variant::GemmInputGradAccumulate:
           linear_backward_input(g, in(0), in(1), out(0), op.m, op.k, op.n, true);
@@ -526,7 +535,9 @@ void CudaBackend::run(const Program& program, std::uint32_t index, TensorArena& 
     }
     case OpKind::Copy: {
       const i64 width = 2 * z.g_l * z.d, first = z.a_l * z.d;
-      if (op.variant == Variant::PackKeyValues)
+      if (op.variant == Variant::Accumulate)
+        copy_columns(in(0), op.n, out(0), op.n, op.m, op.n, true, st);
+      else if (op.variant == Variant::PackKeyValues)
         copy_columns(in(0) + first, z.qkv_cols, out(0), width, op.m, width, false, st);
       else
         copy_columns(in(0), width, out(0) + first, z.qkv_cols, op.m, width, true, st);
