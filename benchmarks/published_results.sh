@@ -25,7 +25,9 @@ set -euo pipefail
 parallax=$1
 selene="--cluster selene --seq-length 2048 --sp --recompute selective --precision fp16 --no-flash-attn --tp 8 --dp 1"
 # Megatron-Core: the README's --overlap-param-gather asserts the distributed optimizer (ZeRO-1) and
-# --tp-comm-overlap asserts sequence parallelism (megatron/training/arguments.py at f2e5db402c);
+# --tp-comm-overlap asserts sequence parallelism (megatron/training/arguments.py at f2e5db402c), so
+# both run wherever tp > 1 (at tp 1 Megatron turns sequence parallelism off and the assertion fails,
+# so the 1.7B row had neither);
 # no recompute, 1F1B, micro-batch 4 (the whole replica batch) at pp 1 and 1 at pp > 1 are assumptions
 # (not stated); the README does not name its cluster: the DGX H100 SuperPOD design is used; --fold
 # replays one data-parallel replica (within 1e-5 of the full replay at 48 replicas of 1.7B).
@@ -39,16 +41,16 @@ cases=(
   "selene|mt-nlg-530b|37.83|s_iter|$selene --pp 35 --schedule interleaved-1f1b --virtual-stages 3 --micro-batch 1 --global-batch 280"
   "selene|gpt-1t|71.49|s_iter|$selene --pp 64 --micro-batch 1 --global-batch 512"
   "mcore|mcore-gpt-1.7b|408.8|tflops_gpu|$mcore --cluster dgx-h100-superpod --tp 1 --pp 1 --dp 48 --micro-batch 4 --global-batch 192"
-  "mcore|mcore-gpt-7.1b|465.9|tflops_gpu|$mcore --cluster dgx-h100-superpod --tp 2 --sp --pp 1 --dp 48 --micro-batch 4 --global-batch 192"
-  "mcore|mcore-gpt-16b|489.1|tflops_gpu|$mcore --cluster dgx-h100-superpod --tp 4 --sp --pp 1 --dp 48 --micro-batch 4 --global-batch 192"
-  "mcore|mcore-gpt-32b|459.6|tflops_gpu|$mcore --cluster dgx-h100-superpod --tp 8 --sp --pp 1 --dp 48 --micro-batch 4 --global-batch 192"
-  "mcore|mcore-gpt-70b|419.7|tflops_gpu|$mcore --cluster dgx-h100-superpod --tp 8 --sp --pp 2 --dp 48 --micro-batch 1 --global-batch 384"
-  "mcore|mcore-gpt-119b|420.5|tflops_gpu|$mcore --cluster h100-10240 --tp 8 --sp --pp 4 --dp 48 --micro-batch 1 --global-batch 768"
-  "mcore|mcore-gpt-177b|432.8|tflops_gpu|$mcore --cluster h100-10240 --tp 8 --sp --pp 6 --dp 48 --micro-batch 1 --global-batch 1152"
-  "mcore|mcore-gpt-314b|474.4|tflops_gpu|$mcore --cluster h100-10240 --tp 8 --sp --pp 8 --dp 48 --micro-batch 1 --global-batch 1536"
-  "mcore|mcore-gpt-462b|459.9|tflops_gpu|$mcore --cluster h100-10240 --tp 8 --sp --pp 16 --dp 48 --micro-batch 1 --global-batch 3072"
-  "mcore-ss|mcore-gpt-177b|0.47|mfu|$mcore --cluster h100-10240 --tp 8 --sp --pp 6 --dp 2 --micro-batch 1 --global-batch 1152"
-  "mcore-ss|mcore-gpt-177b|0.42|mfu|$mcore --cluster h100-10240 --tp 8 --sp --pp 6 --dp 96 --micro-batch 1 --global-batch 1152"
+  "mcore|mcore-gpt-7.1b|465.9|tflops_gpu|$mcore --cluster dgx-h100-superpod --tp 2 --sp --tp-comm-overlap --pp 1 --dp 48 --micro-batch 4 --global-batch 192"
+  "mcore|mcore-gpt-16b|489.1|tflops_gpu|$mcore --cluster dgx-h100-superpod --tp 4 --sp --tp-comm-overlap --pp 1 --dp 48 --micro-batch 4 --global-batch 192"
+  "mcore|mcore-gpt-32b|459.6|tflops_gpu|$mcore --cluster dgx-h100-superpod --tp 8 --sp --tp-comm-overlap --pp 1 --dp 48 --micro-batch 4 --global-batch 192"
+  "mcore|mcore-gpt-70b|419.7|tflops_gpu|$mcore --cluster dgx-h100-superpod --tp 8 --sp --tp-comm-overlap --pp 2 --dp 48 --micro-batch 1 --global-batch 384"
+  "mcore|mcore-gpt-119b|420.5|tflops_gpu|$mcore --cluster h100-10240 --tp 8 --sp --tp-comm-overlap --pp 4 --dp 48 --micro-batch 1 --global-batch 768"
+  "mcore|mcore-gpt-177b|432.8|tflops_gpu|$mcore --cluster h100-10240 --tp 8 --sp --tp-comm-overlap --pp 6 --dp 48 --micro-batch 1 --global-batch 1152"
+  "mcore|mcore-gpt-314b|474.4|tflops_gpu|$mcore --cluster h100-10240 --tp 8 --sp --tp-comm-overlap --pp 8 --dp 48 --micro-batch 1 --global-batch 1536"
+  "mcore|mcore-gpt-462b|459.9|tflops_gpu|$mcore --cluster h100-10240 --tp 8 --sp --tp-comm-overlap --pp 16 --dp 48 --micro-batch 1 --global-batch 3072"
+  "mcore-ss|mcore-gpt-177b|0.47|mfu|$mcore --cluster h100-10240 --tp 8 --sp --tp-comm-overlap --pp 6 --dp 2 --micro-batch 1 --global-batch 1152"
+  "mcore-ss|mcore-gpt-177b|0.42|mfu|$mcore --cluster h100-10240 --tp 8 --sp --tp-comm-overlap --pp 6 --dp 96 --micro-batch 1 --global-batch 1152"
   "torchtitan|llama3.1-8b|5762|tok_gpu|$titan --cluster h100-8 --dp 8 --seq-length 8192 --recompute selective --micro-batch 2 --global-batch 16 --precision bf16"
   "torchtitan|llama3.1-8b|8532|tok_gpu|$titan --cluster h100-8 --dp 8 --seq-length 8192 --recompute selective --micro-batch 2 --global-batch 16 --precision fp8"
   "torchtitan|llama3.1-8b|5605|tok_gpu|$titan --cluster dgx-h100-superpod --dp 128 --seq-length 8192 --recompute selective --micro-batch 2 --global-batch 256 --precision bf16"

@@ -80,8 +80,31 @@ class PinnedBuffer {
 
 }  // namespace
 
+// An NVTX range for the life of a scope, closed on every way out.
+struct NvtxRange {
+  explicit NvtxRange(const char* name) { nvtxRangePushA(name); }
+  ~NvtxRange() { nvtxRangePop(); }
+  NvtxRange(const NvtxRange&) = delete;
+  NvtxRange& operator=(const NvtxRange&) = delete;
+};
+
 struct CudaBackend::Impl {
+  Impl() = default;
+  Impl(const Impl&) = delete;
+  Impl& operator=(const Impl&) = delete;
+  // Also what a constructor that throws half way leaves.
+  ~Impl() {
+    if (stream) (void)cudaStreamSynchronize(stream);
+    for (auto e : start)
+      if (e) (void)cudaEventDestroy(e);
+    for (auto e : end)
+      if (e) (void)cudaEventDestroy(e);
+    gemm.reset();
+    if (stream) (void)cudaStreamDestroy(stream);
+  }
+
   cudaStream_t stream = nullptr;
+  bool first_op = true;  // the next op is the iteration's first: it anchors the device clock
   std::unique_ptr<GemmContext> gemm;
   std::vector<cudaEvent_t> start, end;  // per op
   std::vector<char> timed;              // ops with an end event this iteration (marks have none)
@@ -132,8 +155,8 @@ CudaBackend::CudaBackend(const CompiledPlan& plan, int rank, const TokenSource& 
   PX_CUDA_CHECK(cudaStreamCreateWithFlags(&im.stream, cudaStreamNonBlocking));
   im.gemm = std::make_unique<GemmContext>(im.stream);
   const std::size_t n = program_.ops.size();
-  im.start.resize(n);
-  im.end.resize(n);
+  im.start.assign(n, nullptr);
+  im.end.assign(n, nullptr);
   im.timed.assign(n, 0);
   for (std::size_t i = 0; i < n; ++i) {
     PX_CUDA_CHECK(cudaEventCreate(&im.start[i]));
@@ -158,14 +181,7 @@ CudaBackend::CudaBackend(const CompiledPlan& plan, int rank, const TokenSource& 
   im.keys = DeviceBuffer<std::uint64_t>(static_cast<std::size_t>(keys));
 }
 
-CudaBackend::~CudaBackend() {
-  Impl& im = *impl_;
-  if (im.stream) (void)cudaStreamSynchronize(im.stream);
-  for (auto e : im.start) (void)cudaEventDestroy(e);
-  for (auto e : im.end) (void)cudaEventDestroy(e);
-  im.gemm.reset();
-  if (im.stream) (void)cudaStreamDestroy(im.stream);
-}
+CudaBackend::~CudaBackend() = default;
 
 std::string CudaBackend::device_name() const {
   int device = 0;
@@ -200,13 +216,19 @@ void CudaBackend::initialize(TensorArena& arena) {
   std::uint32_t optimizer = 0;
   for (std::uint32_t t = 0; t < program_.tensors.size(); ++t)
     if (program_.tensors[t].cls == TensorClass::Optimizer) optimizer = t;
-  float* state = program_.optimizer_elements > 0 ? reinterpret_cast<float*>(arena.bytes(optimizer).data()) : nullptr;
+  float* state = program_.optimizer_elements > 0 && !plan_.plan.optimizer_offload
+                     ? reinterpret_cast<float*>(arena.bytes(optimizer).data())
+                     : nullptr;
   // A large shard (Llama-3 70B at tp8: 8.75e9 weights) takes minutes on one core: the host draws
-  // a batch of buffers' initial values on every core, then uploads them.
+  // a batch of buffers' initial values on every core, then uploads them; a batch holds at most
+  // 2^30 weights (6 GiB of host memory as fp32 and bf16).
   const std::size_t threads = std::max(1u, std::thread::hardware_concurrency());
+  constexpr std::size_t kBatchWeights = std::size_t{1} << 30;
   const auto& buffers = program_.buffers;
-  for (std::size_t first = 0; first < buffers.size(); first += threads) {
-    const std::size_t last = std::min(buffers.size(), first + threads);
+  for (std::size_t first = 0, last = 0; first < buffers.size(); first = last) {
+    std::size_t weights = 0;
+    for (last = first; last < buffers.size() && last - first < threads && (last == first || weights < kBatchWeights); ++last)
+      weights += arena.bytes(buffers[last].weight).size() / sizeof(bf16);
     std::vector<std::vector<float>> host(last - first);
     std::vector<std::thread> pool;
     for (std::size_t i = first; i < last; ++i)
@@ -273,18 +295,27 @@ void CudaBackend::begin_iteration(std::int64_t iteration) {
   PX_CUDA_CHECK(cudaMemcpyAsync(im.positions.data(), h + 2 * feed, bytes, cudaMemcpyHostToDevice, im.stream));
   PX_CUDA_CHECK(cudaMemsetAsync(im.loss_sum.data(), 0, sizeof(double), im.stream));
   std::fill(im.timed.begin(), im.timed.end(), 0);
+  im.first_op = true;
+}
+
+// The iteration's first op waits for the uploads and zeroing before it, so its start event fires
+// at its host issue time: the anchor of the device clock on the executor's (device_timings).
+void CudaBackend::record_start(std::uint32_t index) {
+  Impl& im = *impl_;
+  if (im.first_op) PX_CUDA_CHECK(cudaStreamSynchronize(im.stream));
+  im.first_op = false;
+  PX_CUDA_CHECK(cudaEventRecord(im.start[index], im.stream));
 }
 
 void CudaBackend::mark(std::uint32_t index) {
-  PX_CUDA_CHECK(cudaEventRecord(impl_->start[index], impl_->stream));
+  record_start(index);
   impl_->timed[index] = 0;
 }
 
 void CudaBackend::device_timings(std::span<OpTiming> timings) {
   Impl& im = *impl_;
   PX_CUDA_CHECK(cudaStreamSynchronize(im.stream));
-  // The device was idle when op 0 was issued (the last iteration ended here), so op 0's start
-  // event ran at its host issue time: the anchor of the device clock on the executor's.
+  // Op 0's start event ran at its host issue time (record_start).
   const double t0 = timings.empty() ? 0.0 : timings[0].start;
   for (std::size_t i = 0; i < timings.size(); ++i) {
     float ms = 0;
@@ -334,8 +365,8 @@ void CudaBackend::run(const Program& program, std::uint32_t index, TensorArena& 
   const bool fwd = forward_phase(op.phase);
   const auto eps = static_cast<float>(opt_.norm_eps);
   const std::string name(program_.name_of(op));
-  nvtxRangePushA(name.c_str());
-  PX_CUDA_CHECK(cudaEventRecord(im.start[index], st));
+  const NvtxRange range(name.c_str());
+  record_start(index);
   auto in = [&](std::size_t i) { return at<bf16>(arena, o.in[i]); };
   auto out = [&](std::size_t i) { return at<bf16>(arena, o.out[i]); };
   auto in32 = [&](std::size_t i) { return at<float>(arena, o.in[i]); };
@@ -664,7 +695,6 @@ void CudaBackend::run(const Program& program, std::uint32_t index, TensorArena& 
   }
   PX_CUDA_CHECK(cudaEventRecord(im.end[index], st));
   im.timed[index] = 1;
-  nvtxRangePop();
 }
 
 }  // namespace px::cuda

@@ -60,6 +60,8 @@ class CudaBackend final : public TrainingBackend, public ArenaMemory {
   struct Impl;  // in cuda_backend.cpp
 
  private:
+  void record_start(std::uint32_t index);
+
   const CompiledPlan& plan_;
   const Program& program_;
   cpu::RankContext ctx_;
