@@ -166,6 +166,9 @@ INSTANTIATE_TEST_SUITE_P(
         Bad{"unknown_schedule", "plan check --model gpt3-175b --schedule sideways", "sideways"},
         Bad{"overlap_param_gather_unsharded", "plan check --model gpt2-124m --dp 2 --global-batch 2 --overlap-param-gather",
             "overlap_param_gather needs"},
+        Bad{"tp_comm_overlap_without_sp", "plan check --model gpt3-175b --tp 8 --dp 1 --tp-comm-overlap", "tp_comm_overlap overlaps"},
+        // Refused by name where the build has no CUDA, as a many-rank plan where it has.
+        Bad{"cuda_train_of_many_ranks", "train --model tiny-gpt --tp 2 --device cuda", "--device"},
         Bad{"flag_without_value", "plan check --model gpt3-175b --tp", "--tp"},
         Bad{"rank_outside_plan", "plan show --model gpt3-175b --tp 8 --pp 16 --dp 80 --global-batch 2560 --rank 99999", "--rank 99999"},
         Bad{"unknown_cluster", "plan show --model gpt3-175b --cluster no-such-cluster", "no-such-cluster"},
