@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The simulator against the engine: 14 CPU training runs over different plans (dp, tp, tp+sp, pp
-# with four schedules, cp, ep, ZeRO), at most 2 ranks (one per core of this machine, so ranks do
+# The simulator against the engine: 15 CPU training runs over different plans (dp, tp, tp+sp with
+# and without tp_comm_overlap, pp with four schedules, cp, ep, ZeRO), at most 2 ranks (one per core of this machine, so ranks do
 # not time-share), each replayed on the cpu-local cluster with in-order issue (as the CPU engine
 # runs) and its collectives and messages costed from a comm benchmark of this machine. Two
 # replays per run, against its measured iteration (the slowest rank's span, mean over the 30
@@ -32,6 +32,7 @@ plans=(
   "2|tiny-gpt|--dp 2 --zero 1 --global-batch 8 --micro-batch 2"
   "2|tiny-gpt|--tp 2 --dp 1 --global-batch 4 --micro-batch 2"
   "2|tiny-llama|--tp 2 --dp 1 --sp --global-batch 4 --micro-batch 2"
+  "2|tiny-llama|--tp 2 --dp 1 --sp --tp-comm-overlap --global-batch 4 --micro-batch 2"
   "2|tiny-gpt-deep|--pp 2 --dp 1 --global-batch 8 --micro-batch 1"
   "2|tiny-gpt-deep|--pp 2 --dp 1 --schedule gpipe --global-batch 8 --micro-batch 1"
   "2|tiny-gpt-deep|--pp 2 --dp 1 --schedule interleaved-1f1b --virtual-stages 2 --global-batch 8 --micro-batch 1"
