@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The simulator against the engine: 15 CPU training runs over different plans (dp, tp, tp+sp with
-# and without tp_comm_overlap, pp with four schedules, cp, ep, ZeRO), at most 2 ranks (one per core of this machine, so ranks do
+# and without tp_comm_overlap, pp with four schedules, cp, ep, ZeRO), at most 2 ranks (one per
+# core of this machine, so ranks do
 # not time-share), each replayed on the cpu-local cluster with in-order issue (as the CPU engine
 # runs) and its collectives and messages costed from a comm benchmark of this machine. Two
 # replays per run, against its measured iteration (the slowest rank's span, mean over the 30
