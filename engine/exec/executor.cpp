@@ -160,30 +160,23 @@ void Executor::wait_for(std::uint32_t op) {
 // And a comm op reading what an earlier comm op of its own stream is still receiving (the next
 // hop of a ring) waits for it: the program orders the two only by their stream.
 void Executor::wait_overlapping(std::uint32_t index) {
-  const Op& op = program_.ops[index];
-  for (const TensorUse& u : program_.uses_of(op)) {
-    if (u.write) continue;
-    const std::pair<std::int64_t, std::int64_t> r{arena_.offset(u.tensor) + u.offset, arena_.offset(u.tensor) + u.offset + u.bytes};
+  using Range = std::pair<std::int64_t, std::int64_t>;
+  // Waits for every other in-flight op whose `which` ranges overlap r.
+  const auto wait_hitting = [&](Range r, std::vector<Range> InFlight::*which) {
     for (std::size_t f = 0; f < in_flight_.size();) {
-      const bool hit = std::any_of(in_flight_[f].writes.begin(), in_flight_[f].writes.end(), [&](auto w) { return overlaps(w, r); });
-      if (hit && in_flight_[f].op != index) {
+      const auto& ranges = in_flight_[f].*which;
+      if (in_flight_[f].op != index && std::any_of(ranges.begin(), ranges.end(), [&](Range x) { return overlaps(x, r); }))
         wait_for(in_flight_[f].op);
-      } else {
+      else
         ++f;
-      }
     }
-  }
-  for (const TensorUse& u : program_.uses_of(op)) {
-    if (!u.write) continue;
-    const std::pair<std::int64_t, std::int64_t> w{arena_.offset(u.tensor), arena_.offset(u.tensor) + program_.tensors[u.tensor].bytes};  // the whole tensor: it may be zeroed
-    for (std::size_t f = 0; f < in_flight_.size();) {
-      const bool hit = std::any_of(in_flight_[f].ranges.begin(), in_flight_[f].ranges.end(), [&](auto r) { return overlaps(r, w); });
-      if (hit && in_flight_[f].op != index) {
-        wait_for(in_flight_[f].op);
-      } else {
-        ++f;
-      }
-    }
+  };
+  for (const TensorUse& u : program_.uses_of(program_.ops[index])) {
+    const std::int64_t at = arena_.offset(u.tensor);
+    if (u.write)
+      wait_hitting({at, at + program_.tensors[u.tensor].bytes}, &InFlight::ranges);  // the whole tensor: it may be zeroed
+    else
+      wait_hitting({at + u.offset, at + u.offset + u.bytes}, &InFlight::writes);
   }
 }
 
