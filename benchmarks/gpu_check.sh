@@ -47,7 +47,10 @@ case "${1:-}" in
     train() {
       local name=$1; shift
       bash "$dir/run" parallax-gpu train --device cuda --json --out "$out/$name" "$@" > "$out/$name.json" 2> "$out/$name.log" || status=1
-      echo "$name: $(tr -d ' \n' < "$out/$name.json" | grep -o '"tokens_per_second":[^,]*\|"compute_seconds":[^,]*' | tr '\n' ' ') $(tail -1 "$out/$name.log")"
+      # MFU = tokens/s x Megatron's FLOPs per token / 989.4 TFLOP/s (H100 and H200 dense bf16).
+      echo "$name: $(tr -d ' \n' < "$out/$name.json" | grep -o '"tokens_per_second":[^,]*\|"compute_seconds":[^,]*\|"model_flops_per_token":[^,]*' |
+        tr '\n' ' ' | awk '{ printf "%s", $0 } match($0, /"tokens_per_second":[0-9.e+-]+/) { t = substr($0, RSTART + 20, RLENGTH - 20) }
+          match($0, /"model_flops_per_token":[0-9.e+-]+/) { f = substr($0, RSTART + 24, RLENGTH - 24); if (t > 0) printf " MFU %.1f%%", 100 * t * f / 989.4e12 }') $(tail -1 "$out/$name.log")"
     }
     for prog in "$dir"/bin/*; do
       name=$(basename "$prog")

@@ -124,12 +124,15 @@ INSTANTIATE_TEST_SUITE_P(OneRankPlans, CudaBackendEquivalence,
                                            Case{"moe", "tiny-moe", Recompute::None, 2, 0, false, false}),
                          [](const auto& p) { return std::string(p.param.name); });
 
-TEST(CudaBackend, EmulatesOneRankOfATp2PlanWithFiniteLossInProgramOrder) {
+class CudaBackendEmulation : public ::testing::TestWithParam<bool> {};
+
+TEST_P(CudaBackendEmulation, OneRankOfATp2PlanHasFiniteLossAndRunsInProgramOrder) {
   PX_REQUIRE_GPU();
   const ModelSpec model = model_file("tiny-llama");
   PlanSpec p;
   p.tensor_model_parallel_size = 2;
   p.sequence_parallel = true;
+  p.tp_comm_overlap = GetParam();  // the ring steps' GEMMs on one block of rows each
   p.micro_batch_size = 1;
   p.global_batch_size = 2;
   p.seq_length = 64;
@@ -163,6 +166,8 @@ TEST(CudaBackend, EmulatesOneRankOfATp2PlanWithFiniteLossInProgramOrder) {
   EXPECT_GT(compute, 0.0);
   EXPECT_LT(compute, t.back().end - t.front().start + 1e-9);
 }
+
+INSTANTIATE_TEST_SUITE_P(TpCommOverlap, CudaBackendEmulation, ::testing::Bool());
 
 TEST(CudaBackend, RefusesPlansItCannotRun) {
   PX_REQUIRE_GPU();
