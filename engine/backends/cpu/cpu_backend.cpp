@@ -440,12 +440,9 @@ void CpuBackend::grad_norm_op(TensorArena& arena) {
   double sq = 0;
   for (const ParamBuffer& b : program_.buffers) {
     const auto g = arena.floats(b.grad);
-    const i64 base = b.grad_sharded ? ctx_.optimizer_range(b).begin : 0;
     for (const ParamSlot& s : b.slots) {
-      const OwnedRange r = ctx_.owned(b, s);
-      for (i64 i = r.begin; i < r.end; ++i) {
-        const i64 at = i - base;
-        if (at < 0 || at >= static_cast<i64>(g.size())) continue;
+      const OwnedRange r = ctx_.held_owned(b, s, b.grad_sharded, static_cast<i64>(g.size()));
+      for (i64 at = r.begin; at < r.end; ++at) {
         const double v = g[static_cast<std::size_t>(at)];
         sq += v * v;
       }

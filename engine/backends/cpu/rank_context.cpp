@@ -68,6 +68,13 @@ RankContext::Range RankContext::owned(const ParamBuffer& b, const ParamSlot& s) 
   return begin < end ? Range{begin, end} : none;
 }
 
+RankContext::Range RankContext::held_owned(const ParamBuffer& b, const ParamSlot& s, bool sharded, i64 held) const {
+  const i64 base = sharded ? optimizer_range(b).begin : 0;
+  const Range o = owned(b, s);
+  const i64 lo = std::max<i64>(o.begin - base, 0), hi = std::min<i64>(o.end - base, held);
+  return lo < hi ? Range{lo, hi} : Range{0, 0};
+}
+
 void RankContext::initial_weights(const ParamBuffer& b, std::span<float> w) const {
   const i64 base = b.weight_sharded ? optimizer_range(b).begin : 0;
   std::fill(w.begin(), w.end(), 0.0f);
@@ -89,10 +96,9 @@ void RankContext::export_owned(const ParamBuffer& b, std::span<const float> held
     const LogicalParam& p = slot_param(b, s);
     auto& full = out[p.name];
     if (full.empty()) full.assign(static_cast<std::size_t>(p.count()), 0.0);
-    const Range r = owned(b, s);
-    for (i64 i = r.begin; i < r.end; ++i) {
-      const i64 li = i - s.offset, at = i - base;
-      if (at < 0 || at >= static_cast<i64>(held.size())) continue;
+    const Range r = held_owned(b, s, sharded, static_cast<i64>(held.size()));
+    for (i64 at = r.begin; at < r.end; ++at) {
+      const i64 li = at + base - s.offset;
       const i64 gi = b.shard_group == GroupKind::ExpertDP ? li : global_index(p, dims_, z_.tp, coord_.tp, li);
       full[static_cast<std::size_t>(gi)] = what == Export::Ownership ? 1.0 : held[static_cast<std::size_t>(at)];
     }

@@ -49,6 +49,9 @@ class RankContext {
   // The elements of slot s (buffer offsets) whose gradient this rank owns: its ZeRO block, or rank
   // 0 of the groups that replicate it; the first stage for a tied embedding.
   Range owned(const ParamBuffer& b, const ParamSlot& s) const;
+  // The same elements as offsets into a tensor of `held` elements laid out like b (its ZeRO block
+  // when `sharded`), clipped to it: what a backend reads of its gradients or weights.
+  Range held_owned(const ParamBuffer& b, const ParamSlot& s, bool sharded, std::int64_t held) const;
 
   // The initial values of buffer b's weights as this rank holds them (the whole padded buffer, or
   // its ZeRO-3 block), padding zero.

@@ -108,6 +108,9 @@ struct CudaBackend::Impl {
   std::unique_ptr<GemmContext> gemm;
   std::vector<cudaEvent_t> start, end;  // per op
   std::vector<char> timed;              // ops with an end event this iteration (marks have none)
+  // Per op, worked out once: its operands and its name (the NVTX range), not on every issue.
+  std::vector<Operands> operands;
+  std::vector<std::string> names;
 
   // Every micro-batch of the iteration, [micro-batch][T] each, uploaded by begin_iteration.
   PinnedBuffer<std::int32_t> host_feed;
@@ -161,6 +164,8 @@ CudaBackend::CudaBackend(const CompiledPlan& plan, int rank, const TokenSource& 
   for (std::size_t i = 0; i < n; ++i) {
     PX_CUDA_CHECK(cudaEventCreate(&im.start[i]));
     PX_CUDA_CHECK(cudaEventCreate(&im.end[i]));
+    im.operands.push_back(cpu::operands(program_, program_.ops[i]));
+    im.names.emplace_back(program_.name_of(program_.ops[i]));
   }
   const LocalDims& z = ctx_.dims();
   const i64 feed = static_cast<i64>(plan.num_micro_batches) * z.T;
@@ -173,7 +178,7 @@ CudaBackend::CudaBackend(const CompiledPlan& plan, int rank, const TokenSource& 
   for (std::size_t i = 0; i < n; ++i) {
     const Op& op = program_.ops[i];
     if (op.kind != OpKind::DropoutAdd || !forward_phase(op.phase)) continue;
-    if (cpu::operands(program_, op).out.size() < 2) continue;  // no mask: no dropout
+    if (im.operands[i].out.size() < 2) continue;  // no mask: no dropout
     im.key_offset[i] = keys;
     keys += op.m;
   }
@@ -260,11 +265,9 @@ void CudaBackend::initialize(TensorArena& arena) {
       }
       // Each gradient element with one owner across the job enters the norm once.
       const i64 held = static_cast<i64>(arena.bytes(b.grad).size() / sizeof(float));
-      const i64 base = b.grad_sharded ? r.begin : 0;
       for (const ParamSlot& s : b.slots) {
-        const cpu::RankContext::Range o = ctx_.owned(b, s);
-        const i64 lo = std::max<i64>(o.begin - base, 0), hi = std::min<i64>(o.end - base, held);
-        if (lo < hi) im.owned_grads.push_back({grad + lo, hi - lo});
+        const cpu::RankContext::Range o = ctx_.held_owned(b, s, b.grad_sharded, held);
+        if (o.begin < o.end) im.owned_grads.push_back({grad + o.begin, o.end - o.begin});
       }
     }
   }
@@ -357,14 +360,14 @@ void CudaBackend::run(const Program& program, std::uint32_t index, TensorArena& 
   const Op& op = program.ops[index];
   const cudaStream_t st = im.stream;
   const LocalDims& z = ctx_.dims();
-  const Operands o = cpu::operands(program_, op);
+  const Operands& o = im.operands[index];
   const i64 mb = std::max<i64>(op.micro_batch, 0);
   const std::int32_t* tokens = im.tokens.data() + mb * z.T;
   const std::int32_t* targets = im.targets.data() + mb * z.T;
   const std::int32_t* positions = im.positions.data() + mb * z.T;
   const bool fwd = forward_phase(op.phase);
   const auto eps = static_cast<float>(opt_.norm_eps);
-  const std::string name(program_.name_of(op));
+  const std::string& name = im.names[index];
   const NvtxRange range(name.c_str());
   record_start(index);
   auto in = [&](std::size_t i) { return at<bf16>(arena, o.in[i]); };
@@ -387,8 +390,9 @@ void CudaBackend::run(const Program& program, std::uint32_t index, TensorArena& 
       if (o.out.size() < 2) break;
       // The position table's gradient from the rows this rank's sequence shard holds (see the CPU backend).
       const i64 first = z.sp ? ctx_.coord().tp * z.Tres : 0, rows = z.sp ? z.Tres : z.T;
+      const std::size_t pos_ws = embedding_backward_workspace_bytes(rows);
       embedding_backward(in(0) + first * z.h, tokens + first, positions + first, rows, nullptr, vocab_begin, 0, out32(1), z.h,
-                         workspace(embedding_backward_workspace_bytes(rows)), embedding_backward_workspace_bytes(rows), st);
+                         workspace(pos_ws), pos_ws, st);
       break;
     }
     case OpKind::Norm: {

@@ -20,12 +20,6 @@ __global__ void convert_kernel(const In* x, Out* y, std::int64_t n) {
     y[i] = static_cast<Out>(x[i]);
 }
 
-__global__ void bf16_to_float_kernel(const bf16* x, float* y, std::int64_t n) {
-  for (std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<std::int64_t>(gridDim.x) * blockDim.x)
-    y[i] = __bfloat162float(x[i]);
-}
-
 __global__ void float_to_bf16_kernel(const float* x, bf16* y, std::int64_t n, bool accumulate) {
   for (std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<std::int64_t>(gridDim.x) * blockDim.x)
@@ -89,7 +83,7 @@ __global__ void fill_kernel(float* x, std::int64_t n, float value) {
 
 void convert(const bf16* x, float* y, std::int64_t n, cudaStream_t stream) {
   if (n <= 0) return;
-  bf16_to_float_kernel<<<blocks_for(n), kThreads, 0, stream>>>(x, y, n);
+  convert_kernel<<<blocks_for(n), kThreads, 0, stream>>>(x, y, n);
   PX_CUDA_CHECK_LAUNCH();
 }
 
