@@ -43,7 +43,7 @@ plans=(
 )
 # The collectives' and messages' own cost on this machine, for the profiles.
 [ "$replay_only" = 1 ] ||
-  "$mpiexec" -np 2 --oversubscribe "$comm_bench" -b 4 -e 4194304 -f 4 -n 100 -w 10 -c all --json "$dir/comm.json" > "$dir/comm.log" 2>&1 ||
+  "$mpiexec" -np 2 --oversubscribe "$comm_bench" -b 4 -e 4194304 -f 2 -n 100 -w 10 -c all --json "$dir/comm.json" > "$dir/comm.log" 2>&1 ||
   { cat "$dir/comm.log"; echo "FAIL: comm benchmark"; exit 1; }
 verbatim=() by_iteration=() calibrated=() crossed=()
 declare -A one_rank  # model -> the profile of its one-rank run

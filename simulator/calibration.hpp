@@ -74,7 +74,8 @@ class CalibrationProfile {
   void add_traces(const CompiledPlan& plan, const std::vector<std::filesystem::path>& traces);
   void add(const std::string& signature, double seconds);
   // Adds a comm benchmark's rows (comm_bench --json: collective, ranks, size in nccl-tests' sense,
-  // time): the measured time of each collective by group size and buffer size.
+  // the median iteration's time, else the mean): the measured time of each collective by group
+  // size and buffer size.
   void add_comm_bench(const std::filesystem::path& file);
   // The measured time of a collective (or, for send/recv and ring steps, a message) of `bytes` in a
   // group of `ranks`, interpolated linearly between benchmarked sizes and extrapolated past the

@@ -139,12 +139,12 @@ int main(int argc, char** argv) {
     if (which != "all" && which != coll.name) continue;
     found = true;
     if (rank == 0) {
-      fmt::print("# Collective {}: {} ranks, {}, fp32; time = slowest rank's mean over {} iterations\n", coll.name, n, backend_text,
+      fmt::print("# Collective {}: {} ranks, {}, fp32; time = slowest rank's mean over {} iterations, median = median iteration's slowest rank\n", coll.name, n, backend_text,
                  iters);
-      fmt::print("# {:>10} {:>12} {:>8} {:>6} {:>6} {:>10} {:>8} {:>8} {:>6}\n", "size", "count", "type", "redop", "root",
-                 "time", "algbw", "busbw", "#wrong");
-      fmt::print("# {:>10} {:>12} {:>8} {:>6} {:>6} {:>10} {:>8} {:>8} {:>6}\n", "(B)", "(elements)", "", "", "", "(us)",
-                 "(GB/s)", "(GB/s)", "");
+      fmt::print("# {:>10} {:>12} {:>8} {:>6} {:>6} {:>10} {:>8} {:>8} {:>6} {:>10}\n", "size", "count", "type", "redop", "root",
+                 "time", "algbw", "busbw", "#wrong", "median");
+      fmt::print("# {:>10} {:>12} {:>8} {:>6} {:>6} {:>10} {:>8} {:>8} {:>6} {:>10}\n", "(B)", "(elements)", "", "", "", "(us)",
+                 "(GB/s)", "(GB/s)", "", "(us)");
     }
     for (std::size_t bytes = min_bytes; bytes <= max_bytes; bytes *= static_cast<std::size_t>(factor)) {
       // Whole elements, divisible by the member count so every split collective has equal blocks.
@@ -156,21 +156,37 @@ int main(int argc, char** argv) {
       world->all_reduce(wrong);
       for (int i = 0; i < warmup; ++i) coll.run(*bench, b.run);
       bench->barrier();
+      // Each iteration timed on its own as well: on a shared machine a few descheduled iterations
+      // move the mean (nccl-tests' time) by tens of percent, not the median of the iterations.
+      std::vector<float> each(static_cast<std::size_t>(iters)), all_each(static_cast<std::size_t>(iters * n));
       const auto t0 = std::chrono::steady_clock::now();
-      for (int i = 0; i < iters; ++i) coll.run(*bench, b.run);
-      const double mine = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / iters;
+      auto last = t0;
+      for (int i = 0; i < iters; ++i) {
+        coll.run(*bench, b.run);
+        const auto now = std::chrono::steady_clock::now();
+        each[static_cast<std::size_t>(i)] = static_cast<float>(std::chrono::duration<double>(now - last).count());
+        last = now;
+      }
+      const double mine = std::chrono::duration<double>(last - t0).count() / iters;
       std::vector<float> mine_v{static_cast<float>(mine)}, times(static_cast<std::size_t>(n));
       world->all_gather(mine_v, times);
+      world->all_gather(each, all_each);
       const double t = *std::max_element(times.begin(), times.end());
+      // Per iteration its slowest rank; the median of those.
+      for (std::size_t i = 0; i < each.size(); ++i)
+        for (std::size_t r = 0; r < static_cast<std::size_t>(n); ++r) each[i] = std::max(each[i], all_each[r * each.size() + i]);
+      std::nth_element(each.begin(), each.begin() + iters / 2, each.end());
+      const double median = each[static_cast<std::size_t>(iters / 2)];
       const double size = static_cast<double>(count * sizeof(float));
       const double algbw = size / t / 1e9, busbw = algbw * coll.bus_factor(n);
       total_wrong += static_cast<std::size_t>(wrong[0]);
       if (rank == 0) {
-        fmt::print("  {:>10} {:>12} {:>8} {:>6} {:>6} {:>10.2f} {:>8.2f} {:>8.2f} {:>6}\n", count * sizeof(float), count, "float",
-                   coll.redop, coll.name == std::string("broadcast") ? 0 : -1, t * 1e6, algbw, busbw,
-                   static_cast<std::size_t>(wrong[0]));
+        fmt::print("  {:>10} {:>12} {:>8} {:>6} {:>6} {:>10.2f} {:>8.2f} {:>8.2f} {:>6} {:>10.2f}\n", count * sizeof(float), count,
+                   "float", coll.redop, coll.name == std::string("broadcast") ? 0 : -1, t * 1e6, algbw, busbw,
+                   static_cast<std::size_t>(wrong[0]), median * 1e6);
         rows.push_back({{"collective", coll.name}, {"ranks", n}, {"size_bytes", count * sizeof(float)}, {"count", count},
-                        {"time_us", t * 1e6}, {"algbw_gbs", algbw}, {"busbw_gbs", busbw}, {"wrong", wrong[0]}});
+                        {"time_us", t * 1e6}, {"algbw_gbs", algbw}, {"busbw_gbs", busbw}, {"wrong", wrong[0]},
+                        {"median_us", median * 1e6}});
       }
     }
   }

@@ -278,9 +278,11 @@ TEST(Calibration, CollectivesInterpolateTheCommBenchmark) {
   std::ofstream(dir / "comm.json") << R"({"benchmark": "parallax comm_bench", "rows": [
     {"collective": "all_reduce", "ranks": 2, "size_bytes": 1024, "time_us": 10},
     {"collective": "all_reduce", "ranks": 2, "size_bytes": 4096, "time_us": 16},
-    {"collective": "send_recv", "ranks": 2, "size_bytes": 1024, "time_us": 4}]})";
+    {"collective": "send_recv", "ranks": 2, "size_bytes": 1024, "time_us": 4},
+    {"collective": "all_gather", "ranks": 2, "size_bytes": 1024, "time_us": 9, "median_us": 3}]})";
   CalibrationProfile p;
   p.add_comm_bench(dir / "comm.json");
+  EXPECT_DOUBLE_EQ(*p.collective_seconds(OpKind::AllGather, 2, 1024), 3e-6);    // the median iteration, where given
   EXPECT_DOUBLE_EQ(*p.collective_seconds(OpKind::AllReduce, 2, 512), 10e-6);    // below: the smallest
   EXPECT_DOUBLE_EQ(*p.collective_seconds(OpKind::AllReduce, 2, 2048), 12e-6);   // between: linear
   EXPECT_DOUBLE_EQ(*p.collective_seconds(OpKind::AllReduce, 2, 7168), 22e-6);   // past: at the last slope
