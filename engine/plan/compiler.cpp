@@ -284,6 +284,26 @@ class StageCompiler {
     }
     return part;
   }
+  // tp_comm_overlap, a row-parallel layer's backward: the output gradient's shards dy travel the tp
+  // ring, and each step takes the block that just arrived into its rows of dx = dy w^T and its
+  // share of dw += x^T dy (x's rows of that block): the gathered gradient is never assembled.
+  void ag_backward(std::string_view nm, i64 dx_cols, i64 dy_cols, std::uint32_t shard, V w, std::uint32_t dx, V x, V dw) {
+    const std::string ring = std::string(nm) + ".grad_ring";
+    const std::string dgrad_nm = std::string(nm) + ".dgrad", wgrad_nm = std::string(nm) + ".wgrad";
+    std::uint32_t cur = shard;
+    for (int i = 0; i < D_.tp; ++i) {
+      std::uint32_t next = cur;
+      if (i + 1 < D_.tp) {
+        next = act(ring, D_.Tres * dy_cols, TensorClass::Temporary);
+        comm(OpKind::RingExchange, GroupKind::TP, ring, D_.e * D_.Tres * dy_cols, Stream::TensorComm, {cur}, {next}, 1);
+      }
+      tp_step(gemm(dgrad_nm, Variant::GemmInputGrad, D_.Tres, dx_cols, dy_cols, 1, {cur, w}, {dx}), i, 1);
+      wgrad([this, i, wgrad_nm, dx_cols, dy_cols, cur, w, x, dw] {
+        tp_step(gemm(wgrad_nm, Variant::GemmWeightGrad, dx_cols, dy_cols, D_.Tres, 1, {x, cur}, {dw}), i, 1);
+      });
+      cur = next;
+    }
+  }
   void tp_step(std::uint32_t gemm_op, int step, std::int8_t side) {
     Op& op = prog_.ops[gemm_op];
     op.group = GroupKind::TP;
@@ -770,11 +790,15 @@ class StageCompiler {
     const auto d_branch1 = act("proj.grad_out", res, TensorClass::Temporary);
     residual_bwd(A.has_mask ? "dropout_add1.bwd" : "residual_add1.bwd", Variant::AttentionResidual, dy_mid,
                  A.has_mask ? std::optional<std::uint32_t>(A.mask1) : std::nullopt, d_branch1, opt(g, w.proj_b));
-    const auto d_proj = sp_gather("proj.grad_all_gather", d_branch1);
-    const auto d_attn = act("attention.out_grad", D_.T * D_.a_l * D_.d, TensorClass::Temporary);
-    gemm_dgrad("proj.dgrad", D_.T, D_.h, D_.a_l * D_.d, 1, d_proj, V(wt, w.proj_w), d_attn);
     const i64 T = D_.T, h = D_.h, ad = D_.a_l * D_.d;
-    wgrad([this, T, h, ad, x = A.attn_out, d_proj, g, p = w.proj_w] { gemm_wgrad("proj.wgrad", T, h, ad, 1, x, d_proj, V(g, p), std::nullopt); });
+    const auto d_attn = act("attention.out_grad", D_.T * ad, TensorClass::Temporary);
+    if (P_.tp_comm_overlap) {
+      ag_backward("proj", ad, h, d_branch1, V(wt, w.proj_w), d_attn, A.attn_out, V(g, w.proj_w));
+    } else {
+      const auto d_proj = sp_gather("proj.grad_all_gather", d_branch1);
+      gemm_dgrad("proj.dgrad", D_.T, D_.h, ad, 1, d_proj, V(wt, w.proj_w), d_attn);
+      wgrad([this, T, h, ad, x = A.attn_out, d_proj, g, p = w.proj_w] { gemm_wgrad("proj.wgrad", T, h, ad, 1, x, d_proj, V(g, p), std::nullopt); });
+    }
     const auto d_qkv = act("qkv.grad_out", D_.T * D_.qkv_cols, TensorClass::Temporary);
     attention_backward(A, d_attn, d_qkv);
     if (D_.rope) elementwise(OpKind::Rope, "rope.bwd", D_.T, (D_.a_l + D_.g_l) * D_.d, 6.0, {d_qkv}, {d_qkv});
@@ -841,11 +865,15 @@ class StageCompiler {
     const LayerWeights& w = layers_.at(l);
     const std::uint32_t wt = W(l);
     const auto g = grad_target(w.buffer);
-    const auto d_fc2 = sp_gather("fc2.grad_all_gather", d_branch);
-    const auto d_act = act("activation.grad_out", D_.T * D_.f_l, TensorClass::Temporary);
-    gemm_dgrad("fc2.dgrad", D_.T, D_.h, D_.f_l, 1, d_fc2, V(wt, w.fc2_w), d_act);
     const i64 T = D_.T, h = D_.h, f = D_.f_l, fg = D_.f_l * D_.gated();
-    wgrad([this, T, h, f, x = A.act_out, d_fc2, g, p = w.fc2_w] { gemm_wgrad("fc2.wgrad", T, h, f, 1, x, d_fc2, V(g, p), std::nullopt); });
+    const auto d_act = act("activation.grad_out", D_.T * D_.f_l, TensorClass::Temporary);
+    if (P_.tp_comm_overlap) {
+      ag_backward("fc2", f, h, d_branch, V(wt, w.fc2_w), d_act, A.act_out, V(g, w.fc2_w));
+    } else {
+      const auto d_fc2 = sp_gather("fc2.grad_all_gather", d_branch);
+      gemm_dgrad("fc2.dgrad", D_.T, D_.h, D_.f_l, 1, d_fc2, V(wt, w.fc2_w), d_act);
+      wgrad([this, T, h, f, x = A.act_out, d_fc2, g, p = w.fc2_w] { gemm_wgrad("fc2.wgrad", T, h, f, 1, x, d_fc2, V(g, p), std::nullopt); });
+    }
     const auto d_fc1 = act("fc1.grad_out", D_.T * fg, TensorClass::Temporary);
     elementwise(OpKind::Activation, D_.swiglu ? "swiglu.bwd" : "gelu.bwd", D_.T, D_.f_l, D_.swiglu ? 8.0 : 14.0,
                 {d_act, A.fc1_out}, {d_fc1});

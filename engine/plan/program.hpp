@@ -167,8 +167,9 @@ inline constexpr std::int32_t kNone = -1;
 // A Gemm with group TP is one step of a tensor-parallel ring that overlaps the GEMM with the
 // exchange of sequence blocks (tp_comm_overlap); its m is one block's rows, and tp_rank r at step
 // i works on block b: peer > 0 (all-gather side) multiplies the block that arrived (b = (r - i)
-// mod tp, the whole input operand) into rows b of its output; peer < 0 (reduce-scatter side)
-// multiplies rows b = (r - i - 1) mod tp of its input into a partial sum (the whole output).
+// mod tp, the whole input operand) into rows b of its output, or (GemmWeightGrad: dw += x^T dy
+// with dy the block that arrived) takes rows b of x into the whole dw; peer < 0 (reduce-scatter
+// side) multiplies rows b = (r - i - 1) mod tp of its input into a partial sum (the whole output).
 struct Op {
   OpKind kind = OpKind::Gemm;
   Phase phase = Phase::Forward;

@@ -203,6 +203,16 @@ std::vector<Case> cases() {
          p.recompute = Recompute::Selective;
          batch(p, 1, 2);
        }},
+      // Zero-bubble defers the weight gradients, and with them the backward rings' wgrad steps.
+      {"tp2_sp_pp2_zero_bubble_tp_comm_overlap", "tiny-gpt-deep", 4,
+       [](PlanSpec& p) {
+         p.tensor_model_parallel_size = 2;
+         p.pipeline_model_parallel_size = 2;
+         p.sequence_parallel = true;
+         p.tp_comm_overlap = true;
+         p.schedule = PipelineSchedule::ZeroBubble;
+         batch(p, 1, 4);
+       }},
       {"cp2", "tiny-llama", 2, [](PlanSpec& p) { p.context_parallel_size = 2; batch(p, 1, 2); }},
       {"ep2", "tiny-moe", 2, [](PlanSpec& p) { p.data_parallel_size = 2; p.expert_model_parallel_size = 2; batch(p, 1, 2); }},
       {"pp2_gpipe", "tiny-gpt-deep", 2, [](PlanSpec& p) { p.pipeline_model_parallel_size = 2; p.schedule = PipelineSchedule::GPipe; batch(p, 1, 4); }},

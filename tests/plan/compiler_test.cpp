@@ -214,9 +214,9 @@ TEST(CommVolume, SequenceParallelTradesAllReducesForGathersAndScatters) {
 }
 
 TEST(CommVolume, TpCommOverlapRingsMoveWhatTheirCollectivesWould) {
-  // Megatron's --tp-comm-overlap: the forward gathers and both passes' reduce-scatters of the four
-  // linear layers become rings, each rank passing tp - 1 blocks, (tp - 1)/tp of the collective's
-  // buffer; the backward's gathers of output gradients and re-gathers for wgrad stay collectives.
+  // Megatron's --tp-comm-overlap: the forward gathers, the backward's gathers of output gradients
+  // and both passes' reduce-scatters of the four linear layers become rings, each rank passing
+  // tp - 1 blocks, (tp - 1)/tp of the collective's buffer; the re-gathers for wgrad stay collectives.
   for (const int tp : {2, 4}) {
     const CompiledPlan plan = compile("tiny-gpt-deep", [tp](PlanSpec& p) {
       p.tensor_model_parallel_size = tp;
@@ -228,16 +228,17 @@ TEST(CommVolume, TpCommOverlapRingsMoveWhatTheirCollectivesWould) {
     const std::int64_t full = 2 * std::int64_t{m.seq_length} * m.hidden_size * 2 /*micro-batches*/ * m.num_layers;
     const Program& prog = plan.roles[0];
     EXPECT_EQ(comm_bytes(prog, OpKind::ReduceScatter, GroupKind::TP, true), 0) << "tp " << tp;
-    EXPECT_EQ(comm_bytes(prog, OpKind::AllGather, GroupKind::TP, true), 4 * full) << "tp " << tp;
-    EXPECT_EQ(comm_bytes(prog, OpKind::RingExchange, GroupKind::TP, true), 6 * full * (tp - 1) / tp) << "tp " << tp;
-    // Every GEMM of a ring is one block of rows: tp steps per ring, the same FLOPs.
+    EXPECT_EQ(comm_bytes(prog, OpKind::AllGather, GroupKind::TP, true), 2 * full) << "tp " << tp;
+    EXPECT_EQ(comm_bytes(prog, OpKind::RingExchange, GroupKind::TP, true), 8 * full * (tp - 1) / tp) << "tp " << tp;
+    // Every GEMM of a ring is one block of rows (a weight gradient's: of the rows it sums over):
+    // tp steps per ring, the same FLOPs; a backward gather's ring has two GEMMs a step.
     int ring_gemms = 0;
     for (const Op& op : prog.ops) {
       if (op.kind != OpKind::Gemm || op.group != GroupKind::TP) continue;
       ++ring_gemms;
-      EXPECT_EQ(op.m, m.seq_length / tp) << prog.name_of(op);
+      EXPECT_EQ(op.variant == Variant::GemmWeightGrad ? op.k : op.m, m.seq_length / tp) << prog.name_of(op);
     }
-    EXPECT_EQ(ring_gemms, 6 * tp * 2 * m.num_layers) << "tp " << tp;
+    EXPECT_EQ(ring_gemms, (6 + 2 * 2) * tp * 2 * m.num_layers) << "tp " << tp;
   }
 }
 

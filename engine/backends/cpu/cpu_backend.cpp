@@ -158,7 +158,9 @@ void CpuBackend::gemm(const Op& op, TensorArena& arena) {
   F y = view(arena, o.out[0]);
   if (op.group == GroupKind::TP) {  // one step of a TP ring (see Op): one block of rows
     const i64 block = ctx_.ring_block(op);
-    if (op.peer > 0)
+    if (op.variant == Variant::GemmWeightGrad)  // x's rows of the dy block that arrived: op.k of them
+      a = a.subspan(static_cast<std::size_t>(block * op.k * op.m), static_cast<std::size_t>(op.k * op.m));
+    else if (op.peer > 0)
       y = y.subspan(static_cast<std::size_t>(block * op.m * op.n), static_cast<std::size_t>(op.m * op.n));
     else
       a = a.subspan(static_cast<std::size_t>(block * op.m * op.k), static_cast<std::size_t>(op.m * op.k));

@@ -422,7 +422,9 @@ void CudaBackend::run(const Program& program, std::uint32_t index, TensorArena& 
       bf16* y = out(0);
       if (op.group == GroupKind::TP) {  // one step of a TP ring (see Op): one block of rows
         const i64 block = ctx_.ring_block(op);
-        if (op.peer > 0)
+        if (op.variant == Variant::GemmWeightGrad)  // x's rows of the dy block that arrived: op.k of them
+          a += block * op.k * op.m;
+        else if (op.peer > 0)
           y += block * op.m * op.n;
         else
           a += block * op.m * op.k;
@@ -438,7 +440,7 @@ void CudaBackend::run(const Program& program, std::uint32_t index, TensorArena& 
           linear_backward_input(g, in(0), in(1), out(0), op.m, op.k, op.n, true);
           break;
         case Variant::GemmWeightGrad:  // dw[m x n] += x^T dy over op.k rows
-          linear_backward_weight(g, in(0), in(1), out32(0), o.out.size() > 1 ? out32(1) : nullptr, op.k, op.n, op.m);
+          linear_backward_weight(g, a, in(1), out32(0), o.out.size() > 1 ? out32(1) : nullptr, op.k, op.n, op.m);
           break;
         case Variant::GemmForwardTransposed:  // y = x w^T, w [n x k]
           gemm(g, false, true, op.m, op.n, op.k, 1.0f, in(0), op.k, in(1), op.k, 0.0f, out(0), op.n);
