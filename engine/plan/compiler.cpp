@@ -249,22 +249,28 @@ class StageCompiler {
     return out;
   }
 
-  // tp_comm_overlap, all-gather side: y = all_gather(shard) w (+ b) as tp ring steps; each GEMM
-  // multiplies the block that just arrived while it moves on to the next rank (see Op).
-  void ag_gemm(std::string_view nm, i64 n, i64 k, std::uint32_t shard, V w, std::optional<V> b, std::uint32_t y) {
-    const std::string ring = std::string(nm) + ".ring";
+  // tp_comm_overlap, all-gather side: the shards of a [T x cols] tensor travel the tp ring; step i
+  // hands `use` the block that has just arrived, while it moves on to the next rank (see Op).
+  template <class Use>
+  void ag_ring(const std::string& ring, i64 cols, std::uint32_t shard, Use&& use) {
     std::uint32_t cur = shard;
     for (int i = 0; i < D_.tp; ++i) {
       std::uint32_t next = cur;
       if (i + 1 < D_.tp) {
-        next = act(ring, D_.Tres * k, TensorClass::Temporary);
-        comm(OpKind::RingExchange, GroupKind::TP, ring, D_.e * D_.Tres * k, Stream::TensorComm, {cur}, {next}, 1);
+        next = act(ring, D_.Tres * cols, TensorClass::Temporary);
+        comm(OpKind::RingExchange, GroupKind::TP, ring, D_.e * D_.Tres * cols, Stream::TensorComm, {cur}, {next}, 1);
       }
+      use(cur, i);
+      cur = next;
+    }
+  }
+  // y = all_gather(shard) w (+ b): each step's GEMM multiplies the block that arrived.
+  void ag_gemm(std::string_view nm, i64 n, i64 k, std::uint32_t shard, V w, std::optional<V> b, std::uint32_t y) {
+    ag_ring(std::string(nm) + ".ring", k, shard, [&](std::uint32_t cur, int i) {
       std::vector<V> reads = {cur, w};
       if (b) reads.push_back(*b);
       tp_step(gemm(nm, Variant::GemmForward, D_.Tres, n, k, 1, reads, {y}), i, 1);
-      cur = next;
-    }
+    });
   }
   // tp_comm_overlap, reduce-scatter side: this rank's block of the group's sum of x w (a forward,
   // or dx = x w^T for GemmInputGrad) as tp ring steps: each GEMM makes one block's partial, adds
@@ -284,25 +290,17 @@ class StageCompiler {
     }
     return part;
   }
-  // tp_comm_overlap, a row-parallel layer's backward: the output gradient's shards dy travel the tp
-  // ring, and each step takes the block that just arrived into its rows of dx = dy w^T and its
-  // share of dw += x^T dy (x's rows of that block): the gathered gradient is never assembled.
+  // A row-parallel layer's backward: the output gradient's shards dy travel the ring, and each
+  // step takes the block that arrived into its rows of dx = dy w^T and its share of dw += x^T dy
+  // (x's rows of that block): the gathered gradient is never assembled.
   void ag_backward(std::string_view nm, i64 dx_cols, i64 dy_cols, std::uint32_t shard, V w, std::uint32_t dx, V x, V dw) {
-    const std::string ring = std::string(nm) + ".grad_ring";
     const std::string dgrad_nm = std::string(nm) + ".dgrad", wgrad_nm = std::string(nm) + ".wgrad";
-    std::uint32_t cur = shard;
-    for (int i = 0; i < D_.tp; ++i) {
-      std::uint32_t next = cur;
-      if (i + 1 < D_.tp) {
-        next = act(ring, D_.Tres * dy_cols, TensorClass::Temporary);
-        comm(OpKind::RingExchange, GroupKind::TP, ring, D_.e * D_.Tres * dy_cols, Stream::TensorComm, {cur}, {next}, 1);
-      }
+    ag_ring(std::string(nm) + ".grad_ring", dy_cols, shard, [&](std::uint32_t cur, int i) {
       tp_step(gemm(dgrad_nm, Variant::GemmInputGrad, D_.Tres, dx_cols, dy_cols, 1, {cur, w}, {dx}), i, 1);
       wgrad([this, i, wgrad_nm, dx_cols, dy_cols, cur, w, x, dw] {
         tp_step(gemm(wgrad_nm, Variant::GemmWeightGrad, dx_cols, dy_cols, D_.Tres, 1, {x, cur}, {dw}), i, 1);
       });
-      cur = next;
-    }
+    });
   }
   void tp_step(std::uint32_t gemm_op, int step, std::int8_t side) {
     Op& op = prog_.ops[gemm_op];
