@@ -21,6 +21,7 @@
 
 #include "benchmarks/comm/collective.hpp"
 #include "engine/comm/mpi_comm.hpp"
+#include "engine/core/stats.hpp"
 #ifdef PX_COMM_BENCH_NCCL
 #include <cstdlib>
 #include <string_view>
@@ -156,27 +157,30 @@ int main(int argc, char** argv) {
       world->all_reduce(wrong);
       for (int i = 0; i < warmup; ++i) coll.run(*bench, b.run);
       bench->barrier();
-      // Each iteration timed on its own as well: on a shared machine a few descheduled iterations
-      // move the mean (nccl-tests' time) by tens of percent, not the median of the iterations.
+      // Each iteration timed on its own: on a shared machine a few descheduled iterations move the
+      // mean (nccl-tests' time) by tens of percent, not the median of the iterations.
       std::vector<float> each(static_cast<std::size_t>(iters)), all_each(static_cast<std::size_t>(iters * n));
-      const auto t0 = std::chrono::steady_clock::now();
-      auto last = t0;
+      auto last = std::chrono::steady_clock::now();
       for (int i = 0; i < iters; ++i) {
         coll.run(*bench, b.run);
         const auto now = std::chrono::steady_clock::now();
         each[static_cast<std::size_t>(i)] = static_cast<float>(std::chrono::duration<double>(now - last).count());
         last = now;
       }
-      const double mine = std::chrono::duration<double>(last - t0).count() / iters;
-      std::vector<float> mine_v{static_cast<float>(mine)}, times(static_cast<std::size_t>(n));
-      world->all_gather(mine_v, times);
       world->all_gather(each, all_each);
-      const double t = *std::max_element(times.begin(), times.end());
-      // Per iteration its slowest rank; the median of those.
-      for (std::size_t i = 0; i < each.size(); ++i)
-        for (std::size_t r = 0; r < static_cast<std::size_t>(n); ++r) each[i] = std::max(each[i], all_each[r * each.size() + i]);
-      std::nth_element(each.begin(), each.begin() + iters / 2, each.end());
-      const double median = each[static_cast<std::size_t>(iters / 2)];
+      // time: the slowest rank's mean; median: of each iteration's slowest rank.
+      double t = 0;
+      std::vector<double> slowest(each.size(), 0.0);
+      for (std::size_t r = 0; r < static_cast<std::size_t>(n); ++r) {
+        double sum = 0;
+        for (std::size_t i = 0; i < each.size(); ++i) {
+          const double x = all_each[r * each.size() + i];
+          sum += x;
+          slowest[i] = std::max(slowest[i], x);
+        }
+        t = std::max(t, sum / iters);
+      }
+      const double median = px::median(std::move(slowest));
       const double size = static_cast<double>(count * sizeof(float));
       const double algbw = size / t / 1e9, busbw = algbw * coll.bus_factor(n);
       total_wrong += static_cast<std::size_t>(wrong[0]);
