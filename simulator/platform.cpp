@@ -65,7 +65,8 @@ struct Layout {
 // The model. Links carry bandwidth only, one direction each, shared max-min by the flows crossing
 // them; a route's latency is the spec's end-to-end one-way figure, added once.
 // - Intra-node: GPU g -> NVSwitch -> GPU h crosses g's NVLink up link and h's down link (node
-//   nvlink_bandwidth_gbs each); latency nvlink_latency_us. The NVSwitch is non-blocking.
+//   nvlink_bandwidth_gbs x nvlink_efficiency each); latency nvlink_latency_us. The NVSwitch is
+//   non-blocking.
 // - Inter-node: GPU i leaves through NIC i * nics / gpus (its rail), up link, and arrives through the
 //   destination GPU's NIC, down link; latency nic_latency_us + hops * switch_latency_us. The
 //   GPU-NIC PCIe path is not modeled (PCIe switches outrun one NIC).
@@ -97,7 +98,7 @@ class FabricZone final : public NetZoneImpl {
     const int gpn = l_.gpus_per_node;
     const int num_hosts = num_nodes * gpn;
     const double nvlink_Bps =
-        (c.node.nvlink_bandwidth_gbs > 0 ? c.node.nvlink_bandwidth_gbs : c.gpu.nvlink_bandwidth_gbs) * 1e9;
+        (c.node.nvlink_bandwidth_gbs > 0 ? c.node.nvlink_bandwidth_gbs : c.gpu.nvlink_bandwidth_gbs) * c.node.nvlink_efficiency * 1e9;
     const double nic_Bps = c.node.nic_bandwidth_gbps * 1e9 / 8;
     const double oversub = c.fabric.oversubscription;
     auto link = [zone](const std::string& name, double bytes_per_s) {

@@ -89,7 +89,10 @@ std::string_view to_string(FabricTopology t);
 
 struct NodeSpec {
   int gpus_per_node = 8;
-  double nvlink_bandwidth_gbs = 0;  // per GPU per direction, through the NVSwitch
+  double nvlink_bandwidth_gbs = 0;  // per GPU per direction, through the NVSwitch (line rate)
+  // The share of that line rate collective kernels carry: NVLink's packet headers and flow control
+  // take the rest (NCCL's topology model rates an A100 link at 20 of its 25 GB/s).
+  double nvlink_efficiency = 1.0;
   double nvlink_latency_us = 0;
   int nics_per_node = 0;
   double nic_bandwidth_gbps = 0;    // Gb/s per NIC per direction (line rate)

@@ -61,7 +61,7 @@ constexpr std::string_view kGpuInlineRequired[] = {
 
 constexpr std::string_view kClusterKeys[] = {"name", "source", "gpu", "num_nodes", "node", "fabric"};
 constexpr std::string_view kClusterRequired[] = {"name", "source", "gpu", "num_nodes", "node"};
-constexpr std::string_view kNodeKeys[] = {"gpus_per_node", "nvlink_bandwidth_gbs",
+constexpr std::string_view kNodeKeys[] = {"gpus_per_node", "nvlink_bandwidth_gbs", "nvlink_efficiency",
                                           "nvlink_latency_us", "nics_per_node",
                                           "nic_bandwidth_gbps", "nic_latency_us",
                                           "pcie_bandwidth_gbs"};
@@ -547,6 +547,7 @@ ClusterSpec cluster_from(const YAML::Node& root, const std::string& file,
     NodeSpec& n = c.node;
     node->read("gpus_per_node", n.gpus_per_node);
     node->read("nvlink_bandwidth_gbs", n.nvlink_bandwidth_gbs);
+    node->read("nvlink_efficiency", n.nvlink_efficiency);
     node->read("nvlink_latency_us", n.nvlink_latency_us);
     node->read("nics_per_node", n.nics_per_node);
     node->read("nic_bandwidth_gbps", n.nic_bandwidth_gbps);

@@ -194,6 +194,10 @@ void validate_cluster(const ClusterSpec& cl) {
   const FieldChecker nc{cl.file, &cl.field_lines, "node."};
   nc.at_least("gpus_per_node", n.gpus_per_node, 1);
   if (n.gpus_per_node > 1) nc.positive("nvlink_bandwidth_gbs", n.nvlink_bandwidth_gbs);
+  if (!(n.nvlink_efficiency > 0 && n.nvlink_efficiency <= 1)) {
+    nc.fail("nvlink_efficiency", fmt::format("node.nvlink_efficiency must be in (0, 1], got {}", n.nvlink_efficiency),
+            "the share of the NVLink line rate collectives reach, e.g. 0.8 for A100");
+  }
   nc.non_negative("nvlink_latency_us", n.nvlink_latency_us);
   nc.at_least("nics_per_node", n.nics_per_node, 0);
   if (cl.num_nodes > 1 && n.nics_per_node < 1) {

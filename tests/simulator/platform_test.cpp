@@ -34,7 +34,7 @@ const SpecCatalog& catalog() {
 }
 
 // Figures of datasets/clusters/h100-*.yaml, in SI units.
-constexpr double kNvlinkBps = 450e9;       // 450 GB/s per GPU per direction
+constexpr double kNvlinkBps = 450e9 * 0.824;  // 450 GB/s per GPU per direction at nvlink_efficiency
 constexpr double kNicBps = 400e9 / 8;      // NDR 400 Gb/s
 constexpr double kNvlinkLat = 1.0e-6;
 constexpr double kNicLat = 1.0e-6;

@@ -132,6 +132,8 @@ const std::vector<BadCase>& bad_cases() {
        "node.nics_per_node must be >= 1 when the cluster has 4 nodes", ""},
       {"cluster_oversubscription.yaml", Load::Cluster, K::Spec, 19, 0,
        "fabric.oversubscription must be >= 1, got 0.5", ""},
+      {"cluster_nvlink_efficiency.yaml", Load::Cluster, K::Spec, 9, 0,
+       "node.nvlink_efficiency must be in (0, 1], got 1.2", "share of the NVLink line rate"},
       // Plan rules.
       {"plan_tp_heads.yaml", Load::Plan, K::Plan, 2, 0,
        "tensor_model_parallel_size 5 must divide num_attention_heads 96", "nearest valid: 4 or 6"},

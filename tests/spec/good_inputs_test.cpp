@@ -257,6 +257,7 @@ TEST(GoodFixtures, GpuAndInlineGpuCluster) {
   EXPECT_EQ(c.num_gpus(), 256);
   EXPECT_EQ(c.node.nics_per_node, 4);
   EXPECT_DOUBLE_EQ(c.node.nvlink_latency_us, 0);  // omitted: default
+  EXPECT_DOUBLE_EQ(c.node.nvlink_efficiency, 1.0);  // omitted: the line rate
   EXPECT_EQ(c.fabric.topology, FabricTopology::Dragonfly);
   EXPECT_DOUBLE_EQ(c.fabric.oversubscription, 2.0);
   EXPECT_EQ(c.fabric.dragonfly_groups, 8);
