@@ -3,6 +3,12 @@
 # runs (kept here as the first group). Each case is simulated with `parallax simulate --json` and
 # compared on what its source gives:
 #   selene    Korthikanti et al. 2022, Table 5 (A100, Selene): seconds per iteration, as in the README;
+#   selene-fr the same table's "Full Recompute" column: the same runs with full recompute and without
+#             sequence parallelism (Section 6.3: "full recomputation without sequence parallelism");
+#   layer-22b the same paper's Table 4: one transformer layer of the 22B run (the first row's plan),
+#             forward and backward milliseconds, for its five combinations of sequence parallelism and
+#             recompute, against `simulate`'s layer_s (the mean span of one layer's forward or
+#             backward pass, recompute included); not runs of their own, so not in the overall median;
 #   mcore     Megatron-LM README.md, "Performance Benchmarking" (NVIDIA/Megatron-LM, images/model_table.png,
 #             commit f2e5db402c): H100 weak scaling 1.7B-462B, per-GPU teraFLOP/s by Megatron's own count
 #             (megatron/training/training.py, num_floating_point_operations: matmul FLOPs, forward +
@@ -24,6 +30,8 @@
 set -euo pipefail
 parallax=$1
 selene="--cluster selene --seq-length 2048 --sp --recompute selective --precision fp16 --no-flash-attn --tp 8 --dp 1"
+selene_fr="--cluster selene --seq-length 2048 --recompute full --precision fp16 --no-flash-attn --tp 8 --dp 1"
+layer22="--cluster selene --seq-length 2048 --precision fp16 --no-flash-attn --tp 8 --dp 1 --pp 1 --micro-batch 4 --global-batch 4"
 # Megatron-Core: the README's --overlap-param-gather asserts the distributed optimizer (ZeRO-1) and
 # --tp-comm-overlap asserts sequence parallelism (megatron/training/arguments.py at f2e5db402c), so
 # both run wherever tp > 1 (at tp 1 Megatron turns sequence parallelism off and the assertion fails,
@@ -34,12 +42,26 @@ selene="--cluster selene --seq-length 2048 --sp --recompute selective --precisio
 mcore="--precision bf16 --zero 1 --overlap-param-gather --recompute none --fold"
 titan="--zero 3"                                   # FSDP: parameters, gradients and optimizer sharded
 llmc="--precision bf16 --zero 1 --recompute none"  # llm.c's -z 1 (ZeRO-1), -r 0 (no recompute)
-# group|model|published figure|its kind (s_iter, tok_gpu, tflops_gpu, mfu)|flags
+# group|model|published figure|its kind (s_iter, tok_gpu, tflops_gpu, mfu, layer_fwd_ms, layer_bwd_ms)|flags
 cases=(
   "selene|gpt-22b|1.10|s_iter|$selene --pp 1 --micro-batch 4 --global-batch 4"
   "selene|gpt3-175b|13.75|s_iter|$selene --pp 8 --schedule interleaved-1f1b --virtual-stages 3 --micro-batch 1 --global-batch 64"
   "selene|mt-nlg-530b|37.83|s_iter|$selene --pp 35 --schedule interleaved-1f1b --virtual-stages 3 --micro-batch 1 --global-batch 280"
   "selene|gpt-1t|71.49|s_iter|$selene --pp 64 --micro-batch 1 --global-batch 512"
+  "selene-fr|gpt-22b|1.42|s_iter|$selene_fr --pp 1 --micro-batch 4 --global-batch 4"
+  "selene-fr|gpt3-175b|18.13|s_iter|$selene_fr --pp 8 --schedule interleaved-1f1b --virtual-stages 3 --micro-batch 1 --global-batch 64"
+  "selene-fr|mt-nlg-530b|49.05|s_iter|$selene_fr --pp 35 --schedule interleaved-1f1b --virtual-stages 3 --micro-batch 1 --global-batch 280"
+  "selene-fr|gpt-1t|94.42|s_iter|$selene_fr --pp 64 --micro-batch 1 --global-batch 512"
+  "layer-22b|gpt-22b|7.7|layer_fwd_ms|$layer22 --recompute none"
+  "layer-22b|gpt-22b|11.9|layer_bwd_ms|$layer22 --recompute none"
+  "layer-22b|gpt-22b|7.2|layer_fwd_ms|$layer22 --sp --recompute none"
+  "layer-22b|gpt-22b|11.8|layer_bwd_ms|$layer22 --sp --recompute none"
+  "layer-22b|gpt-22b|7.7|layer_fwd_ms|$layer22 --recompute full"
+  "layer-22b|gpt-22b|19.5|layer_bwd_ms|$layer22 --recompute full"
+  "layer-22b|gpt-22b|7.7|layer_fwd_ms|$layer22 --recompute selective"
+  "layer-22b|gpt-22b|13.2|layer_bwd_ms|$layer22 --recompute selective"
+  "layer-22b|gpt-22b|7.2|layer_fwd_ms|$layer22 --sp --recompute selective"
+  "layer-22b|gpt-22b|13.1|layer_bwd_ms|$layer22 --sp --recompute selective"
   "mcore|mcore-gpt-1.7b|408.8|tflops_gpu|$mcore --cluster dgx-h100-superpod --tp 1 --pp 1 --dp 48 --micro-batch 4 --global-batch 192"
   "mcore|mcore-gpt-7.1b|465.9|tflops_gpu|$mcore --cluster dgx-h100-superpod --tp 2 --sp --tp-comm-overlap --pp 1 --dp 48 --micro-batch 4 --global-batch 192"
   "mcore|mcore-gpt-16b|489.1|tflops_gpu|$mcore --cluster dgx-h100-superpod --tp 4 --sp --tp-comm-overlap --pp 1 --dp 48 --micro-batch 4 --global-batch 192"
@@ -88,6 +110,10 @@ for c in "${cases[@]}"; do
   peak=$(sed -n 's/^ *"peak_bytes": \([0-9]*\),*$/\1/p' <<< "$out" | sort -g | tail -1)
   case $kind in
     s_iter) published="$figure s/iter" compared=$figure predicted=$iter unit=s ;;
+    layer_fwd_ms | layer_bwd_ms)
+      pass=$([[ $kind == layer_fwd_ms ]] && echo forward || echo backward)
+      published="$figure ms ($pass)" compared=$figure unit=ms
+      predicted=$(awk -v s="$(nested "$pass" "$out")" 'BEGIN { print 1e3 * s }') ;;
     tok_gpu) published="$figure tok/s/GPU" compared=$figure predicted=$tps unit=tok/s ;;
     tflops_gpu | mfu)
       tf=$([[ $kind == mfu ]] && awk -v m="$figure" 'BEGIN { print m * 989.4 }' || echo "$figure")
@@ -95,14 +121,16 @@ for c in "${cases[@]}"; do
       compared=$(awk -v t="$tf" -v f="$(megatron_flops_per_token "$model" "$seq")" 'BEGIN { printf "%.0f", t * 1e12 / f }')
       predicted=$tps unit=tok/s ;;
   esac
-  err=$(awk -v k="$unit" -v p="$predicted" -v m="$compared" 'BEGIN { printf "%.4f", k == "s" ? p / m - 1 : m / p - 1 }')
+  err=$(awk -v k="$unit" -v p="$predicted" -v m="$compared" 'BEGIN { printf "%.4f", k == "s" || k == "ms" ? p / m - 1 : m / p - 1 }')
   errors+=("$group $err")
   plan=$(sed -e 's/--cluster [^ ]*//' -e 's/--precision bf16//' -e 's/--fold//' -e 's/  */ /g' -e 's/^ //' -e 's/ $//' <<< "${flags#"$selene"}")
   [[ $flags == "$selene"* ]] && plan="(Selene flags) $plan"
+  [[ $flags == "$selene_fr"* ]] && plan="(Selene flags, full recompute, no sp) ${flags#"$selene_fr "}"
+  [[ $flags == "$layer22"* ]] && plan="(22B run, one layer) ${flags#"$layer22 "}"
   cluster=$(sed -n 's/^  "cluster": "\(.*\)",*$/\1/p' <<< "$out")
   awk -v g="$group" -v m="$model" -v n="$gpus" -v c="$cluster" -v pl="$plan" -v pub="$published" -v cmp="$compared" -v pr="$predicted" \
     -v u="$unit" -v e="$err" -v pk="$peak" 'BEGIN {
-      if (u == "s") { c1 = cmp " s"; c2 = sprintf("%.3f s", pr) } else { c1 = sprintf("%.0f tok/s/GPU", cmp); c2 = sprintf("%.0f tok/s/GPU", pr) }
+      if (u == "s") { c1 = cmp " s"; c2 = sprintf("%.3f s", pr) } else if (u == "ms") { c1 = cmp " ms"; c2 = sprintf("%.2f ms", pr) } else { c1 = sprintf("%.0f tok/s/GPU", cmp); c2 = sprintf("%.0f tok/s/GPU", pr) }
       printf "| %s | %s | %d (%s) | `%s` | %s | %s | %s | %+.1f%% | %.1f |\n", g, m, n, c, pl, pub, c1, c2, 100 * e, pk / 2^30 }'
 done
 # Median |error| per source group and over all.
@@ -112,4 +140,4 @@ echo
 for g in $(printf "%s\n" "${errors[@]}" | awk '{ print $1 }' | uniq); do
   echo "- median |error| $g: $(printf "%s\n" "${errors[@]}" | awk -v g="$g" '$1 == g { print $2 }' | median)"
 done
-echo "- median |error| all: $(printf "%s\n" "${errors[@]}" | awk '{ print $2 }' | median)"
+echo "- median |error| all runs: $(printf "%s\n" "${errors[@]}" | awk '$1 !~ /^layer/ { print $2 }' | median)"

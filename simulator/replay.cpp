@@ -825,6 +825,24 @@ Breakdown breakdown(const Program& prog, const std::vector<OpTiming>& t, double 
   return b;
 }
 
+LayerTimes layer_times(const Program& prog, const std::vector<OpTiming>& t) {
+  std::map<std::tuple<std::int32_t, std::int32_t, bool>, std::pair<double, double>> spans;  // (layer, mb, forward) -> span
+  for (std::uint32_t i = 0; i < prog.ops.size(); ++i) {
+    const Op& op = prog.ops[i];
+    if (op.layer == kNone || op.micro_batch == kNone || op.phase == Phase::Optimizer) continue;
+    if (op.stream != Stream::Compute && op.stream != Stream::TensorComm) continue;
+    const auto [it, fresh] = spans.try_emplace({op.layer, op.micro_batch, op.phase == Phase::Forward}, t[i].start, t[i].end);
+    if (!fresh) it->second = {std::min(it->second.first, t[i].start), std::max(it->second.second, t[i].end)};
+  }
+  double sum[2] = {0, 0}, count[2] = {0, 0};
+  for (const auto& [key, span] : spans) {
+    const int forward = std::get<2>(key) ? 1 : 0;
+    sum[forward] += span.second - span.first;
+    ++count[forward];
+  }
+  return {count[1] > 0 ? sum[1] / count[1] : 0, count[0] > 0 ? sum[0] / count[0] : 0};
+}
+
 SimResult run_replay(const CompiledPlan& plan, const ClusterSpec& cluster, const SimOptions& options) {
   const auto world = static_cast<std::size_t>(plan.topology.world_size());
   if ((!options.recorded.empty() && options.recorded.size() != world) || (!options.recorded_host.empty() && options.recorded_host.size() != world))
@@ -858,6 +876,7 @@ SimResult run_replay(const CompiledPlan& plan, const ClusterSpec& cluster, const
     }
   }
   r.breakdown = breakdown(plan.program_of(r.slowest_rank), replay.ranks()[static_cast<std::size_t>(r.slowest_rank)].timing, r.iteration_s);
+  r.layer = layer_times(plan.program_of(r.slowest_rank), replay.ranks()[static_cast<std::size_t>(r.slowest_rank)].timing);
   {
     const CostModel costs(cluster.gpu, cluster.node, options.cost, options.profile ? &*options.profile : nullptr);
     double all = 0, measured = 0, interpolated = 0, spread = 0;
@@ -901,6 +920,7 @@ SimResult from_json(const nlohmann::json& j) {
   r.slowest_rank = j.at("slowest_rank");
   r.breakdown = {j.at("breakdown").at("compute_s"), j.at("breakdown").at("exposed_comm_s"), j.at("breakdown").at("bubble_s"),
                  j.at("breakdown").at("other_s")};
+  r.layer = {j.at("layer").at("forward_s"), j.at("layer").at("backward_s")};
   r.tokens_per_s = j.at("tokens_per_s");
   r.mfu = j.at("mfu");
   r.rank_end_s = j.at("rank_end_s").get<std::vector<double>>();
@@ -935,6 +955,7 @@ nlohmann::json SimResult::to_json() const {
             {"exposed_comm_s", breakdown.exposed_comm_s},
             {"bubble_s", breakdown.bubble_s},
             {"other_s", breakdown.other_s}}},
+          {"layer", {{"forward_s", layer.forward_s}, {"backward_s", layer.backward_s}}},
           {"tokens_per_s", tokens_per_s},
           {"mfu", mfu},
           {"rank_end_s", rank_end_s},

@@ -69,10 +69,22 @@ struct Breakdown {
   double other_s = 0;
 };
 
+// One transformer layer's forward and backward pass as the slowest rank ran them, what a timer
+// around a layer's forward or backward measures: per (layer, micro-batch), the span from the first
+// to the last of its ops on the compute and tensor-parallel streams (its exposed collectives
+// count), averaged over the rank's layers and micro-batches. The backward's span takes in the
+// layer's recompute and, under zero-bubble schedules, its deferred weight gradients wherever they
+// ran. Zero for a rank without transformer layers.
+struct LayerTimes {
+  double forward_s = 0;
+  double backward_s = 0;
+};
+
 struct SimResult {
   double iteration_s = 0;          // first op's start to last op's end, slowest rank
   int slowest_rank = 0;
   Breakdown breakdown;             // of the slowest rank
+  LayerTimes layer;                // of the slowest rank
   double tokens_per_s = 0;         // global batch tokens / iteration
   double mfu = 0;                  // model FLOPs / (iteration · ranks · dense bf16 peak)
   std::vector<double> rank_end_s;  // per rank, when its last op ended (0 for folded ranks)

@@ -144,6 +144,8 @@ int simulate(const Options& o) {
     r.breakdown.exposed_comm_s += one.breakdown.exposed_comm_s;
     r.breakdown.bubble_s += one.breakdown.bubble_s;
     r.breakdown.other_s += one.breakdown.other_s;
+    r.layer.forward_s += one.layer.forward_s;
+    r.layer.backward_s += one.layer.backward_s;
   }
   // Iteration by iteration, the prediction's error; its median is what one odd iteration (a rank
   // descheduled inside a wait, which no trace shows) cannot move.
@@ -157,6 +159,7 @@ int simulate(const Options& o) {
     const double n = static_cast<double>(predicted.size()), first = predicted.front();
     r.iteration_s /= n;
     r.breakdown = {r.breakdown.compute_s / n, r.breakdown.exposed_comm_s / n, r.breakdown.bubble_s / n, r.breakdown.other_s / n};
+    r.layer = {r.layer.forward_s / n, r.layer.backward_s / n};
     r.tokens_per_s *= first / r.iteration_s;
     r.mfu *= first / r.iteration_s;
   }
@@ -218,6 +221,8 @@ int simulate(const Options& o) {
                    {"exposed_comm_time", 1e3 * r.breakdown.exposed_comm_s, "ms"},
                    {"bubble_time", 1e3 * r.breakdown.bubble_s, "ms"},
                    {"other_wait_time", 1e3 * r.breakdown.other_s, "ms"},
+                   {"layer_forward_time", 1e3 * r.layer.forward_s, "ms"},
+                   {"layer_backward_time", 1e3 * r.layer.backward_s, "ms"},
                    {"measured_compute_share", 100 * r.measured_fraction, "%"},
                    {"interpolated_compute_share", 100 * r.interpolated_fraction, "%"},
                    {"peak_memory", peak_gib, "GiB"},
@@ -252,6 +257,7 @@ int simulate(const Options& o) {
                           {"exposed_comm", r.breakdown.exposed_comm_s},
                           {"pipeline_bubble", r.breakdown.bubble_s},
                           {"other", r.breakdown.other_s}}},
+                        {"layer_s", {{"forward", r.layer.forward_s}, {"backward", r.layer.backward_s}}},
                         {"peak_memory_per_role", roles},
                         {"fits_hbm", fits},
                         {"flows_simulated", r.flows}};
@@ -269,6 +275,9 @@ int simulate(const Options& o) {
   fmt::print("slowest rank {}: compute {:.3f} ms, exposed comm {:.3f} ms, pipeline bubble {:.3f} ms, other waits {:.3f} ms\n",
              r.slowest_rank, 1e3 * r.breakdown.compute_s, 1e3 * r.breakdown.exposed_comm_s, 1e3 * r.breakdown.bubble_s,
              1e3 * r.breakdown.other_s);
+  if (r.layer.forward_s > 0)
+    fmt::print("  one transformer layer per micro-batch: forward {:.3f} ms, backward {:.3f} ms (recompute included)\n", 1e3 * r.layer.forward_s,
+               1e3 * r.layer.backward_s);
   for (const auto& role : roles)
     fmt::print("  stage {:>3}: peak memory {:.2f} GiB{}\n", role["stage"].get<int>(), role["peak_bytes"].get<double>() / (1 << 30),
                role["fits_hbm"].get<bool>() ? "" : fmt::format(", more than the GPU's {:.2f} GiB", cluster.gpu.hbm_gib));

@@ -193,6 +193,28 @@ TEST(Replay, PipelineOfKnownStageTimesHasTheOneFOneBBubble) {
   EXPECT_GT(r.breakdown.bubble_s, 0.0);
 }
 
+TEST(Replay, LayerTimesAreTheSpansOfOneLayersForwardAndBackwardOps) {
+  const CompiledPlan plan = compile("tiny-gpt", [](PlanSpec& p) {
+    p.global_batch_size = 4;
+    p.micro_batch_size = 2;
+    p.recompute = Recompute::Full;
+  });
+  SimOptions o;
+  o.op_cost = [](const Program&, const Op& op) { return op.layer != kNone && op.stream == Stream::Compute ? 1e-3 : 0.0; };
+  // Back-to-back 1 ms ops: a layer's pass lasts 1 ms per compute op of its (layer 0, micro-batch 0).
+  double forward = 0, backward = 0;
+  for (const Op& op : plan.roles[0].ops) {
+    if (op.layer != 0 || op.micro_batch != 0 || op.stream != Stream::Compute) continue;
+    if (op.phase == Phase::Forward) forward += 1e-3;
+    if (op.phase == Phase::Backward || op.phase == Phase::Recompute) backward += 1e-3;
+  }
+  ASSERT_GT(forward, 0.0);
+  const SimResult r = simulate(plan, h100_node(), o);
+  EXPECT_NEAR(r.layer.forward_s, forward, 1e-9);
+  EXPECT_NEAR(r.layer.backward_s, backward, 1e-9);  // the recompute's forward ops included
+  EXPECT_GT(r.layer.backward_s, r.layer.forward_s);
+}
+
 // A hand-made op and the ops (indices into its program) it must wait for besides its stream's.
 struct HandOp {
   Op op;
