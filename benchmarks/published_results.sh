@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The simulator, uncalibrated, against published training throughput beyond the README's four Selene
+# The simulator against published training throughput beyond the README's four Selene
 # runs (kept here as the first group). Each case is simulated with `parallax simulate --json` and
 # compared on what its source gives:
 #   selene    Korthikanti et al. 2022, Table 5 (A100, Selene): seconds per iteration, as in the README;
@@ -24,13 +24,22 @@
 #             (-b, -d), sequence (-t) and 8 GPUs its command sets.
 # The error is always on time: predicted / published - 1 for seconds per iteration, published /
 # predicted - 1 for tokens/s; negative means the simulator is too fast. Medians of |error| per source
-# and over all. Nothing is fitted: every plan flag comes from the source or is marked an assumption.
+# and over all runs (uncalibrated; the *-cal repeats left out). Nothing is fitted but the *-cal
+# groups' one GEMM-curve level: every plan flag comes from the source or is marked an assumption.
 # usage: benchmarks/published_results.sh PARALLAX
 #   e.g. benchmarks/published_results.sh build-nocuda/engine/cli/parallax
 set -euo pipefail
 parallax=$1
 selene="--cluster selene --seq-length 2048 --sp --recompute selective --precision fp16 --no-flash-attn --tp 8 --dp 1"
 selene_fr="--cluster selene --seq-length 2048 --recompute full --precision fp16 --no-flash-attn --tp 8 --dp 1"
+# The *-cal groups: the same Selene runs with the GEMM curve's level fitted to Table 4's ten layer
+# times of the 22B run (parallax calibrate --layer-times selene-korthikanti-2022): 175B, 530B and
+# 1T are held out of the fit, 22B is the run whose layers were fitted.
+profile_dir=$(mktemp -d)
+trap 'rm -rf "$profile_dir"' EXIT
+layer_profile="$profile_dir/selene-layers.json"
+"$parallax" calibrate --layer-times selene-korthikanti-2022 --out "$layer_profile" > /dev/null
+cal="--profile $layer_profile"
 layer22="--cluster selene --seq-length 2048 --precision fp16 --no-flash-attn --tp 8 --dp 1 --pp 1 --micro-batch 4 --global-batch 4"
 # Megatron-Core: the README's --overlap-param-gather asserts the distributed optimizer (ZeRO-1) and
 # --tp-comm-overlap asserts sequence parallelism (megatron/training/arguments.py at f2e5db402c), so
@@ -52,6 +61,14 @@ cases=(
   "selene-fr|gpt3-175b|18.13|s_iter|$selene_fr --pp 8 --schedule interleaved-1f1b --virtual-stages 3 --micro-batch 1 --global-batch 64"
   "selene-fr|mt-nlg-530b|49.05|s_iter|$selene_fr --pp 35 --schedule interleaved-1f1b --virtual-stages 3 --micro-batch 1 --global-batch 280"
   "selene-fr|gpt-1t|94.42|s_iter|$selene_fr --pp 64 --micro-batch 1 --global-batch 512"
+  "selene-cal|gpt-22b|1.10|s_iter|$selene --pp 1 --micro-batch 4 --global-batch 4 $cal"
+  "selene-cal|gpt3-175b|13.75|s_iter|$selene --pp 8 --schedule interleaved-1f1b --virtual-stages 3 --micro-batch 1 --global-batch 64 $cal"
+  "selene-cal|mt-nlg-530b|37.83|s_iter|$selene --pp 35 --schedule interleaved-1f1b --virtual-stages 3 --micro-batch 1 --global-batch 280 $cal"
+  "selene-cal|gpt-1t|71.49|s_iter|$selene --pp 64 --micro-batch 1 --global-batch 512 $cal"
+  "selene-fr-cal|gpt-22b|1.42|s_iter|$selene_fr --pp 1 --micro-batch 4 --global-batch 4 $cal"
+  "selene-fr-cal|gpt3-175b|18.13|s_iter|$selene_fr --pp 8 --schedule interleaved-1f1b --virtual-stages 3 --micro-batch 1 --global-batch 64 $cal"
+  "selene-fr-cal|mt-nlg-530b|49.05|s_iter|$selene_fr --pp 35 --schedule interleaved-1f1b --virtual-stages 3 --micro-batch 1 --global-batch 280 $cal"
+  "selene-fr-cal|gpt-1t|94.42|s_iter|$selene_fr --pp 64 --micro-batch 1 --global-batch 512 $cal"
   "layer-22b|gpt-22b|7.7|layer_fwd_ms|$layer22 --recompute none"
   "layer-22b|gpt-22b|11.9|layer_bwd_ms|$layer22 --recompute none"
   "layer-22b|gpt-22b|7.2|layer_fwd_ms|$layer22 --sp --recompute none"
@@ -123,9 +140,10 @@ for c in "${cases[@]}"; do
   esac
   err=$(awk -v k="$unit" -v p="$predicted" -v m="$compared" 'BEGIN { printf "%.4f", k == "s" || k == "ms" ? p / m - 1 : m / p - 1 }')
   errors+=("$group $err")
-  plan=$(sed -e 's/--cluster [^ ]*//' -e 's/--precision bf16//' -e 's/--fold//' -e 's/  */ /g' -e 's/^ //' -e 's/ $//' <<< "${flags#"$selene"}")
+  shown=${flags/"$cal"/(GEMM curve fitted to Table 4)}
+  plan=$(sed -e 's/--cluster [^ ]*//' -e 's/--precision bf16//' -e 's/--fold//' -e 's/  */ /g' -e 's/^ //' -e 's/ $//' <<< "${shown#"$selene"}")
   [[ $flags == "$selene"* ]] && plan="(Selene flags) $plan"
-  [[ $flags == "$selene_fr"* ]] && plan="(Selene flags, full recompute, no sp) ${flags#"$selene_fr "}"
+  [[ $flags == "$selene_fr"* ]] && plan="(Selene flags, full recompute, no sp) ${shown#"$selene_fr "}"
   [[ $flags == "$layer22"* ]] && plan="(22B run, one layer) ${flags#"$layer22 "}"
   cluster=$(sed -n 's/^  "cluster": "\(.*\)",*$/\1/p' <<< "$out")
   awk -v g="$group" -v m="$model" -v n="$gpus" -v c="$cluster" -v pl="$plan" -v pub="$published" -v cmp="$compared" -v pr="$predicted" \
@@ -140,4 +158,4 @@ echo
 for g in $(printf "%s\n" "${errors[@]}" | awk '{ print $1 }' | uniq); do
   echo "- median |error| $g: $(printf "%s\n" "${errors[@]}" | awk -v g="$g" '$1 == g { print $2 }' | median)"
 done
-echo "- median |error| all runs: $(printf "%s\n" "${errors[@]}" | awk '$1 !~ /^layer/ { print $2 }' | median)"
+echo "- median |error| all runs: $(printf "%s\n" "${errors[@]}" | awk '$1 !~ /^layer/ && $1 !~ /-cal$/ { print $2 }' | median)"

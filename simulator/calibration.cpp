@@ -431,9 +431,12 @@ nlohmann::json CalibrationProfile::to_json() const {
   nlohmann::json coll = nlohmann::json::object();
   for (const auto& [name, by_ranks] : collectives_)
     for (const auto& [ranks, points] : by_ranks) coll[name][std::to_string(ranks)] = points;
-  return {{"format", "parallax-calibration 1"}, {"source", source}, {"dispatch_gap_s", dispatch_gap_s()},
-          {"measured_iteration_s", measured_iteration_s()}, {"plan", traced_plan_}, {"rank_speeds", speeds}, {"ops", ops},
-          {"collectives", coll}};
+  nlohmann::json j = {{"format", "parallax-calibration 1"}, {"source", source}, {"dispatch_gap_s", dispatch_gap_s()},
+                      {"measured_iteration_s", measured_iteration_s()}, {"plan", traced_plan_}, {"rank_speeds", speeds}, {"ops", ops},
+                      {"collectives", coll}};
+  if (gemm_curve_points > 0)
+    j["gemm_curve"] = {{"scale", gemm_curve_scale}, {"residual", gemm_curve_residual}, {"points", gemm_curve_points}};
+  return j;
 }
 
 CalibrationProfile CalibrationProfile::from_json(const nlohmann::json& j, const std::string& file) {
@@ -444,6 +447,14 @@ CalibrationProfile CalibrationProfile::from_json(const nlohmann::json& j, const 
   p.gap_ = j.value("dispatch_gap_s", 0.0);
   p.iteration_ = j.value("measured_iteration_s", 0.0);
   if (j.contains("plan")) p.traced_plan_ = j["plan"];
+  if (j.contains("gemm_curve")) {
+    const nlohmann::json& g = j["gemm_curve"];
+    if (!g.is_object() || !g.value("scale", nlohmann::json()).is_number() || !(g["scale"].get<double>() > 0))
+      throw Error(ErrorKind::Spec, {file}, "gemm_curve has no positive scale", "regenerate the profile");
+    p.gemm_curve_scale = g["scale"].get<double>();
+    p.gemm_curve_residual = g.value("residual", 0.0);
+    p.gemm_curve_points = g.value("points", 0);
+  }
   p.rank_speeds_.emplace();
   if (j.contains("rank_speeds"))
     for (const auto& [rank, speed] : j["rank_speeds"].items()) {

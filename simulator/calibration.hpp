@@ -111,6 +111,12 @@ class CalibrationProfile {
   static CalibrationProfile read(const std::filesystem::path& file);
 
   std::string source;  // what was measured: hardware, software, runs
+  // The GEMM curve's level where this profile measured no GEMM (CostModelOptions::gemm_curve_scale),
+  // fitted to measured per-layer times, and the fit: its RMS relative error over the times it
+  // fitted and how many there were. 1 and 0 when none was fitted.
+  double gemm_curve_scale = 1.0;
+  double gemm_curve_residual = 0;
+  int gemm_curve_points = 0;
 
  private:
   void finalize() const;

@@ -23,6 +23,7 @@ CostModel::CostModel(const GpuSpec& gpu, const NodeSpec& node, CostModelOptions 
     const double peak = 1e12 * gpu_.peak_bf16_tflops;
     const double t = tiled_seconds(g.m, g.n, g.k, 1, peak / gpu_.sms, false);
     if (t > 0) gemm_asymptote_ = std::min(1.0, 1e12 * g.tflops * t / (2.0 * g.m * g.n * g.k));
+    gemm_asymptote_ *= o_.gemm_curve_scale * (profile_ ? profile_->gemm_curve_scale : 1.0);
   }
 }
 
@@ -95,6 +96,15 @@ double CostModel::attention_gemm_seconds(const Op& op) const {
 }
 
 OpCost CostModel::cost(const Op& op, OpContext where) const {
+  OpCost c = cost_unfitted(op, where);
+  if (profile_ && profile_->gemm_curve_points > 0 && c.model.starts_with("gemm-curve")) {
+    c.fitted = true;
+    c.spread = profile_->gemm_curve_residual;
+  }
+  return c;
+}
+
+OpCost CostModel::cost_unfitted(const Op& op, OpContext where) const {
   if (profile_)
     if (const auto m = profile_->lookup(op, where))
       return {profile_->dispatch_gap_s() + m->seconds, m->interpolated ? "measured-interpolated" : "measured", m->spread};

@@ -50,6 +50,10 @@ struct CostModelOptions {
   // (cuBLAS's split-K on Ampere, stream-K on Hopper; CUTLASS documents both), each SM paying one
   // fill, the fp32 partial tiles summed through memory; taken where it is faster.
   bool gemm_split_k = true;
+  // The curve's level for a software stack: its per-tile rate times this (1: the rate the GPU
+  // spec's gemm_measured implies). A calibration profile fitted to measured layer times
+  // (`parallax calibrate --layer-times`) multiplies it by its own.
+  double gemm_curve_scale = 1.0;
 
   // Relative error an unmeasured cost carries into a prediction's error band: the largest miss of
   // the uncalibrated replay against the published runs whose hardware the specs describe
@@ -65,6 +69,9 @@ struct OpCost {
   std::string_view model;
   double spread = 0;       // measured: the samples' relative spread (the lookup's fit residual), plus
                            // the interpolation's residual for an interpolated one
+  // Costed by the GEMM curve at a level fitted to measured layer times (a profile's gemm_curve):
+  // `spread` is that fit's residual.
+  bool fitted = false;
   // Costed from a calibration profile (its own signature or interpolated): `spread` is its error.
   bool measured() const { return model == "measured" || model == "measured-interpolated"; }
 };
@@ -86,6 +93,7 @@ class CostModel {
   double gemm_asymptote() const { return gemm_asymptote_; }
 
  private:
+  OpCost cost_unfitted(const Op& op, OpContext where) const;
   double peak_flops(DType dtype) const;
   // Seconds `batch` (m x k)(k x n) GEMMs take when a full tile with endless K computes at `sm_flops`
   // FLOP/s on each SM, for the best tile (negative: no SMs or no shape).

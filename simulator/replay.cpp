@@ -879,7 +879,7 @@ SimResult run_replay(const CompiledPlan& plan, const ClusterSpec& cluster, const
   r.layer = layer_times(plan.program_of(r.slowest_rank), replay.ranks()[static_cast<std::size_t>(r.slowest_rank)].timing);
   {
     const CostModel costs(cluster.gpu, cluster.node, options.cost, options.profile ? &*options.profile : nullptr);
-    double all = 0, measured = 0, interpolated = 0, spread = 0;
+    double all = 0, measured = 0, interpolated = 0, spread = 0, band = 0;
     for (const Op& op : plan.program_of(r.slowest_rank).ops) {
       if (op.stream != Stream::Compute || is_comm(op.kind)) continue;
       const OpCost c = costs.cost(op, op_context(plan, r.slowest_rank));
@@ -887,15 +887,16 @@ SimResult run_replay(const CompiledPlan& plan, const ClusterSpec& cluster, const
       r.cost_models[std::string(c.model)] += c.seconds;
       if (c.measured()) {
         measured += c.seconds;
-        spread += c.seconds * c.spread;
         if (c.model == "measured-interpolated") interpolated += c.seconds;
       }
+      band += c.seconds * (c.measured() || c.fitted ? c.spread : options.cost.roofline_uncertainty);
+      if (c.measured()) spread += c.seconds * c.spread;
     }
     r.measured_fraction = all > 0 ? measured / all : 0;
     r.interpolated_fraction = all > 0 ? interpolated / all : 0;
     for (auto& [model, seconds] : r.cost_models) seconds = all > 0 ? seconds / all : 0;
     r.measured_spread = measured > 0 ? spread / measured : 0;
-    r.error_band = all > 0 ? (spread + (all - measured) * options.cost.roofline_uncertainty) / all : 0;
+    r.error_band = all > 0 ? band / all : 0;
     if (!options.recorded.empty()) {  // verbatim: every compute cost is the run's own
       r.cost_models = {{"recorded", 1.0}};
       r.measured_fraction = 1;

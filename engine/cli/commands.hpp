@@ -48,6 +48,7 @@ struct SimulateFlags {
   bool fold = false;                  // replay data-parallel replica 0 only
   std::vector<std::string> traces;    // calibrate: the engine's trace files
   std::vector<std::string> comm_bench;  // calibrate: comm_bench --json outputs
+  std::string layer_times;            // calibrate: measured layer times to fit the GEMM curve to
   std::string out, source;            // calibrate: where the profile goes, what it measured
 };
 

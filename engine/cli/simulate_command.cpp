@@ -4,6 +4,8 @@
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <array>
+#include <cmath>
 #include <cstdio>
 #include <iostream>
 #include <nlohmann/json.hpp>
@@ -15,6 +17,7 @@
 #include "engine/plan/memory_planner.hpp"
 #include "engine/plan/plan_summary.hpp"
 #include "engine/spec/spec_yaml.hpp"
+#include "engine/spec/validate.hpp"
 #include "engine/trace/chrome_trace.hpp"
 #include "results/provenance.hpp"
 #include "results/results_db.hpp"
@@ -42,17 +45,105 @@ void register_simulate(CLI::App& app, Options& o) {
   o.simulate_cmd->add_option("--profile", o.sim.profile, "Calibration profile (parallax calibrate) to cost measured ops from");
   o.simulate_cmd->add_flag("--fold", o.sim.fold, "Replay data-parallel replica 0 only; replicas' gradient rings in closed form");
   o.simulate_cmd->add_flag("--in-order-issue", o.sim.in_order_issue, "Issue each rank's ops in program order from one thread (the CPU engine)");
-  o.calibrate_cmd = app.add_subcommand("calibrate", "Build a calibration profile from the engine's traces of a plan");
+  o.calibrate_cmd = app.add_subcommand("calibrate", "Build a calibration profile from the engine's traces of a plan, or from measured layer times");
   add_plan_flags(o.calibrate_cmd, o);
-  o.calibrate_cmd->add_option("--traces", o.sim.traces, "The run's trace_rank*.json files")->required();
+  auto* traces = o.calibrate_cmd->add_option("--traces", o.sim.traces, "The run's trace_rank*.json files");
+  auto* layers = o.calibrate_cmd->add_option("--layer-times", o.sim.layer_times,
+                                             "Measured per-layer forward and backward times of runs (a name in datasets/layer_times/ or a path): "
+                                             "fits the GEMM curve's level to them");
+  traces->excludes(layers);
+  // Measured layer times name their model and cluster.
+  o.calibrate_cmd->get_option("--model")->required(false)->excludes(layers);
   o.calibrate_cmd->add_option("--out", o.sim.out, "Profile file to write")->required();
   o.calibrate_cmd->add_option("--comm-bench", o.sim.comm_bench, "comm_bench --json outputs measured on the same machine");
   o.calibrate_cmd->add_option("--source", o.sim.source, "What was measured (hardware, software, run), kept in the profile");
 }
 
+#ifdef PX_HAVE_SIMULATOR
+namespace {
+
+// Fits the GEMM curve's level (CostModelOptions::gemm_curve_scale) to measured layer times: the
+// scale at which replays of the runs' plans give the forward and backward layer times closest to
+// the measured ones, in squared log ratio. Layer times fall as the scale grows, so the error has
+// one minimum; a golden-section search finds it between a quarter of the curve and the peak.
+int calibrate_layer_times(const Options& o, const SpecCatalog& cat) {
+  const LayerTimesSpec spec = cat.layer_times(o.sim.layer_times);
+  const std::filesystem::path file = spec.file;
+  std::error_code ec;
+  if (std::filesystem::equivalent(file, o.sim.out, ec))
+    throw Error(ErrorKind::Usage, {}, fmt::format("--out {} is the layer-times file itself", o.sim.out), "write the profile to another file");
+  const ModelSpec model = cat.model(spec.model);
+  const ClusterSpec cluster = cat.cluster(spec.cluster);
+  const double asymptote = sim::CostModel(cluster.gpu, cluster.node).gemm_asymptote();
+  if (!(asymptote > 0))
+    throw Error(ErrorKind::Spec, {spec.file}, fmt::format("{} has no GEMM curve to fit (its GPU spec lacks sms or gemm_measured)", cluster.gpu.name));
+  std::vector<CompiledPlan> plans;
+  for (const LayerTimesSpec::Run& run : spec.runs) {
+    plans.push_back(compile_plan(model, resolve_plan(cat.plan_of(spec, run), model, &cluster)));
+  }
+  struct Fit {
+    double error = 0;                        // sum of squared log ratios
+    std::vector<std::array<double, 2>> ms;   // per run: predicted forward, backward
+  };
+  auto fit_at = [&](double scale) {
+    sim::SimOptions options;
+    options.cost.gemm_curve_scale = scale;
+    Fit f;
+    for (std::size_t i = 0; i < plans.size(); ++i) {
+      const sim::SimResult r = sim::simulate(plans[i], cluster, options);
+      if (!(r.layer.forward_s > 0) || !(r.layer.backward_s > 0))
+        throw Error(ErrorKind::Spec, {spec.file, spec.runs[i].line}, fmt::format("plan {} runs no transformer layer on its slowest rank", spec.runs[i].plan));
+      f.ms.push_back({1e3 * r.layer.forward_s, 1e3 * r.layer.backward_s});
+      f.error += std::pow(std::log(f.ms.back()[0] / spec.runs[i].forward_ms), 2) + std::pow(std::log(f.ms.back()[1] / spec.runs[i].backward_ms), 2);
+    }
+    return f;
+  };
+  const double golden = (std::sqrt(5.0) - 1) / 2;
+  double lo = 0.25, hi = 1.0 / asymptote;
+  double a = hi - golden * (hi - lo), b = lo + golden * (hi - lo);
+  double fa = fit_at(a).error, fb = fit_at(b).error;
+  while (hi - lo > 1e-4) {
+    if (fa < fb) {
+      hi = b, b = a, fb = fa;
+      a = hi - golden * (hi - lo);
+      fa = fit_at(a).error;
+    } else {
+      lo = a, a = b, fa = fb;
+      b = lo + golden * (hi - lo);
+      fb = fit_at(b).error;
+    }
+  }
+  const double scale = 0.5 * (lo + hi);
+  const Fit best = fit_at(scale);
+  sim::CalibrationProfile profile;
+  profile.source = o.sim.source.empty() ? spec.source : o.sim.source + "; " + spec.source;
+  profile.gemm_curve_scale = scale;
+  profile.gemm_curve_points = static_cast<int>(2 * spec.runs.size());
+  double squares = 0;
+  for (std::size_t i = 0; i < spec.runs.size(); ++i)
+    squares += std::pow(best.ms[i][0] / spec.runs[i].forward_ms - 1, 2) + std::pow(best.ms[i][1] / spec.runs[i].backward_ms - 1, 2);
+  profile.gemm_curve_residual = std::sqrt(squares / profile.gemm_curve_points);
+  profile.write(o.sim.out);
+  fmt::print("{}: GEMM curve at {:.4f} of its level ({:.1f}% of {}'s dense peak per full tile), RMS error {:.2f}% over {} layer times of {}\n",
+             o.sim.out, scale, 100 * scale * asymptote, cluster.gpu.name, 100 * profile.gemm_curve_residual, profile.gemm_curve_points,
+             spec.file);
+  for (std::size_t i = 0; i < spec.runs.size(); ++i)
+    fmt::print("  {:<32} forward {:7.3f} ms (measured {:.3f}, {:+.1f}%)  backward {:7.3f} ms (measured {:.3f}, {:+.1f}%)\n", spec.runs[i].plan,
+               best.ms[i][0], spec.runs[i].forward_ms, 100 * (best.ms[i][0] / spec.runs[i].forward_ms - 1), best.ms[i][1],
+               spec.runs[i].backward_ms, 100 * (best.ms[i][1] / spec.runs[i].backward_ms - 1));
+  return 0;
+}
+
+}  // namespace
+#endif
+
 int calibrate(const Options& o) {
 #ifdef PX_HAVE_SIMULATOR
   const SpecCatalog cat = catalog(o);
+  if (!o.sim.layer_times.empty()) return calibrate_layer_times(o, cat);
+  if (o.sim.traces.empty() || o.model.empty())
+    throw Error(ErrorKind::Usage, {}, "calibrate needs a model and the engine's traces of it, or measured layer times",
+                "pass --model M --traces run/trace_rank*.json, or --layer-times FILE");
   const ModelSpec model = cat.model(o.model);
   Options with = o;
   if (with.plan.precision.empty()) with.plan.precision = "fp32";  // what the CPU engine trains in
@@ -196,7 +287,7 @@ int simulate(const Options& o) {
         }
         const sim::OpCost c = costs.cost(prog.ops[i], sim::op_context(plan, r.traced_ranks[k]));
         args[i] = {{"cost model", std::string(c.model)},
-                   {"cost residual", c.measured() ? c.spread : options.cost.roofline_uncertainty}};
+                   {"cost residual", c.measured() || c.fitted ? c.spread : options.cost.roofline_uncertainty}};
       }
       trace.add_iteration(0, r.timings[k], 0.0, {}, args);
       trace.write(std::filesystem::path(o.sim.trace_out) / fmt::format("trace_rank{:05d}.json", r.traced_ranks[k]));

@@ -1,4 +1,5 @@
-// The three inputs of every Parallax run: a model, a cluster and a parallel plan. Plain data; loading
+// The three inputs of every Parallax run: a model, a cluster and a parallel plan (and measured layer
+// times that calibrate the simulator for them). Plain data; loading
 // (spec_yaml.hpp), validation (validate.hpp) and the closed-form model math (model_math.hpp) live apart.
 #pragma once
 
@@ -8,6 +9,7 @@
 #include <optional>
 #include <string>
 #include <string_view>
+#include <vector>
 
 namespace px {
 
@@ -128,6 +130,23 @@ enum class PipelineSchedule : std::uint8_t { GPipe, OneFOneB, Interleaved1F1B, Z
 enum class Recompute : std::uint8_t { None, Selective, Full };
 std::string_view to_string(PipelineSchedule s);
 std::string_view to_string(Recompute r);
+
+// Measured times of one transformer layer's forward and backward pass (a framework's per-layer
+// timers, or a paper's table of them) in runs of plans of one model on one cluster: what
+// `parallax calibrate --layer-times` fits the simulator's GEMM curve to (datasets/layer_times/).
+struct LayerTimesSpec {
+  std::string file;
+  std::string source;
+  std::string model;    // catalog names or paths, as on the command line
+  std::string cluster;
+  struct Run {
+    std::string plan;  // a plan name (datasets/plans/) or path
+    double forward_ms = 0;
+    double backward_ms = 0;  // recompute included
+    int line = 0;            // of the run's entry in `file`, for errors about it
+  };
+  std::vector<Run> runs;
+};
 
 // Megatron-LM names throughout. Rank order is tp-cp-ep-dp-pp (tp fastest); ep subdivides dp.
 struct PlanSpec {

@@ -700,6 +700,42 @@ PlanSpec load_plan_file(const fs::path& path) {
   return parse_plan_yaml(read_spec_file(path), path.string());
 }
 
+LayerTimesSpec load_layer_times_file(const fs::path& path) {
+  static constexpr std::string_view kKeys[] = {"source", "model", "cluster", "runs"};
+  static constexpr std::string_view kRunKeys[] = {"plan", "forward_ms", "backward_ms"};
+  LayerTimesSpec t;
+  t.file = path.string();
+  const YAML::Node root = load_root(read_spec_file(path), t.file, "layer times");
+  FieldLines lines;
+  const MapReader r = root_reader(root, t.file, kKeys, lines, "layer times");
+  r.require(kKeys);
+  r.read("source", t.source);
+  r.read("model", t.model);
+  r.read("cluster", t.cluster);
+  const YAML::Node& runs = r.node("runs");
+  if (!runs.IsSequence() || runs.size() == 0)
+    throw Error(ErrorKind::Spec, r.value_at("runs"), fmt::format("runs must be a list of measured runs, got {}", describe(runs)),
+                "e.g. runs: [{plan: gpt-22b-tp8-selective-sp, forward_ms: 7.2, backward_ms: 13.1}]");
+  for (std::size_t i = 0; i < runs.size(); ++i) {
+    const YAML::Node& run = runs[i];
+    const std::string where = fmt::format("runs[{}]", i);
+    if (!run.IsMap())
+      throw Error(ErrorKind::Spec, at(t.file, run.Mark()), fmt::format("{} must be a map of keys, got {}", where, describe(run)),
+                  "accepted keys: " + join(kRunKeys));
+    const MapReader m(run, t.file, where + ".", kRunKeys, lines, where, at(t.file, run.Mark()));
+    m.require(kRunKeys);
+    LayerTimesSpec::Run one;
+    one.line = run.Mark().line + 1;
+    m.read("plan", one.plan);
+    m.read("forward_ms", one.forward_ms);
+    m.read("backward_ms", one.backward_ms);
+    for (const auto& [key, ms] : {std::pair{"forward_ms", one.forward_ms}, std::pair{"backward_ms", one.backward_ms}})
+      if (!(ms > 0)) throw Error(ErrorKind::Spec, m.value_at(key), fmt::format("{}.{} must be > 0, got {}", where, key, ms));
+    t.runs.push_back(std::move(one));
+  }
+  return t;
+}
+
 bool looks_like_path(std::string_view name_or_path) {
   const auto ends_with = [&](std::string_view tail) {
     return name_or_path.size() >= tail.size() &&
@@ -752,6 +788,19 @@ GpuSpec SpecCatalog::gpu(const std::string& name_or_path) const {
 
 PlanSpec SpecCatalog::plan(const std::string& name_or_path) const {
   return load_plan_file(lookup(root_, "plans", "plan", name_or_path));
+}
+
+LayerTimesSpec SpecCatalog::layer_times(const std::string& name_or_path) const {
+  return load_layer_times_file(lookup(root_, "layer_times", "layer times", name_or_path));
+}
+
+PlanSpec SpecCatalog::plan_of(const LayerTimesSpec& times, const LayerTimesSpec::Run& run) const {
+  try {
+    return plan(run.plan);
+  } catch (const Error& e) {
+    if (e.kind() != ErrorKind::NotFound) throw;
+    throw Error(ErrorKind::NotFound, {times.file, run.line}, e.message(), e.hint());
+  }
 }
 
 std::vector<std::string> SpecCatalog::model_names() const { return yaml_stems(root_ / "models"); }

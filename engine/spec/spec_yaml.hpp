@@ -39,6 +39,8 @@ GpuSpec load_gpu_file(const std::filesystem::path& path);
 ClusterSpec load_cluster_file(const std::filesystem::path& path);
 ClusterSpec load_cluster_file(const std::filesystem::path& path, const GpuResolver& resolve_gpu);
 PlanSpec load_plan_file(const std::filesystem::path& path);
+// Every run needs a plan and positive forward and backward times.
+LayerTimesSpec load_layer_times_file(const std::filesystem::path& path);
 
 // Named specs under a datasets root: models/<name>.yaml, gpus/, clusters/, plans/. An argument that
 // contains '/' or ends in .yaml is a path instead (relative to the working directory). Unknown names
@@ -56,6 +58,9 @@ class SpecCatalog {
   ClusterSpec cluster(const std::string& name_or_path) const;  // GPUs by name from this catalog
   GpuSpec gpu(const std::string& name_or_path) const;
   PlanSpec plan(const std::string& name_or_path) const;
+  LayerTimesSpec layer_times(const std::string& name_or_path) const;  // layer_times/<name>.yaml
+  // A run's plan; an unknown one is an error at the run's line of the layer-times file.
+  PlanSpec plan_of(const LayerTimesSpec& times, const LayerTimesSpec::Run& run) const;
 
   // File stems, sorted.
   std::vector<std::string> model_names() const;

@@ -131,6 +131,47 @@ TEST(Simulate, WarnsWhenAStageNeedsMoreMemoryThanItsGpu) {
   EXPECT_EQ(small.err.find("more memory"), std::string::npos) << small.err;
 }
 
+// Layer times made by the simulator at a known GEMM-curve level: the fit finds that level again,
+// and the profile it writes predicts those times.
+TEST(Calibrate, LayerTimesFitRecoversTheCurveLevelTheyWereMadeWith) {
+  namespace fs = std::filesystem;
+  const fs::path dir = fs::path(::testing::TempDir()) / ("parallax_layer_times_" + std::to_string(getpid()));
+  fs::create_directories(dir);
+  {
+    std::ofstream known(dir / "known.json");
+    known << R"({"format": "parallax-calibration 1", "source": "test", "ops": {}, "collectives": {},
+                 "gemm_curve": {"scale": 0.8, "residual": 0, "points": 1}})";
+  }
+  const std::string base = "--model gpt2-350m --cluster h100-8 --tp 2 --dp 1 --micro-batch 4 --global-batch 4 --precision bf16 ";
+  std::string runs;
+  for (const char* recompute : {"none", "full"}) {
+    const fs::path plan = dir / (std::string("plan-") + recompute + ".yaml");
+    std::ofstream(plan) << "tensor_model_parallel_size: 2\ndata_parallel_size: 1\nmicro_batch_size: 4\nglobal_batch_size: 4\n"
+                        << "precision: bf16\nrecompute: " << recompute << "\n";
+    const auto j = run_json("simulate " + base + "--recompute " + recompute + " --profile '" + (dir / "known.json").string() + "' --json");
+    const double fwd = 1e3 * j["layer_s"]["forward"].get<double>(), bwd = 1e3 * j["layer_s"]["backward"].get<double>();
+    ASSERT_GT(fwd, 0);
+    ASSERT_GT(bwd, fwd);
+    runs += "  - {plan: '" + plan.string() + "', forward_ms: " + std::to_string(fwd) + ", backward_ms: " + std::to_string(bwd) + "}\n";
+  }
+  std::ofstream(dir / "times.yaml") << "source: made by the simulator at 0.8\nmodel: gpt2-350m\ncluster: h100-8\nruns:\n" << runs;
+  const Result fit = run("calibrate --layer-times '" + (dir / "times.yaml").string() + "' --out '" + (dir / "fitted.json").string() + "'");
+  ASSERT_EQ(fit.code, 0) << fit.err;
+  EXPECT_NE(fit.out.find("over 4 layer times"), std::string::npos) << fit.out;
+  std::ifstream in(dir / "fitted.json");
+  const auto profile = nlohmann::json::parse(in);
+  EXPECT_NEAR(profile["gemm_curve"]["scale"].get<double>(), 0.8, 1e-3);
+  EXPECT_LT(profile["gemm_curve"]["residual"].get<double>(), 1e-3);
+  EXPECT_EQ(profile["gemm_curve"]["points"].get<int>(), 4);
+  // A prediction costed by the fitted curve carries the fit's residual in its band, not the 24%
+  // of an uncalibrated one.
+  const auto fitted = run_json("simulate " + base + "--recompute none --profile '" + (dir / "fitted.json").string() + "' --json");
+  const auto plain = run_json("simulate " + base + "--recompute none --json");
+  EXPECT_LT(fitted["error_band"]["relative"].get<double>(), plain["error_band"]["relative"].get<double>());
+  EXPECT_GT(fitted["iteration_s"].get<double>(), plain["iteration_s"].get<double>());  // a lower curve, a slower run
+  fs::remove_all(dir);
+}
+
 // Every bad input: exit code 2, exactly one line on stderr, and it says where and why.
 struct Bad {
   const char* name;
@@ -178,6 +219,8 @@ INSTANTIATE_TEST_SUITE_P(
         Bad{"simulate_bad_slowdown", "simulate --model gpt2-124m --cluster h100-8 --dp 8 --global-batch 8 --slowdown 9=2", "--slowdown"},
         Bad{"simulate_bad_link_factor", "simulate --model gpt2-124m --cluster h100-8 --dp 8 --global-batch 8 --link node0-nic0=x", "--link"},
         Bad{"simulate_unknown_link", "simulate --model gpt2-124m --cluster h100-8 --dp 8 --global-batch 8 --link node7-nic0=0.5", "node7-nic0"},
+        Bad{"calibrate_without_measurements", "calibrate --model tiny-gpt --out profile.json", "--layer-times"},
+        Bad{"calibrate_traces_and_layer_times", "calibrate --model tiny-gpt --traces t.json --layer-times l.yaml --out p.json", "excludes"},
         Bad{"train_bf16", "train --model tiny-gpt --precision bf16 --iterations 1", "fp32"},
         Bad{"train_world_mismatch", "train --model tiny-gpt --dp 2 --iterations 1", "mpirun -np 2"}),
     [](const auto& param_info) { return std::string(param_info.param.name); });
@@ -201,6 +244,8 @@ TEST(BadFixtures, EachGetsOneLineNamingTheFileAndExitCode2) {
         cluster = m[2];
       }
       args = "plan check --model " + model + (cluster.empty() ? "" : " --cluster " + cluster) + " --plan '" + path + "'";
+    } else if (stem.rfind("layer_times_", 0) == 0) {
+      args = "calibrate --layer-times '" + path + "' --out '" + ::testing::TempDir() + "/parallax_bad_profile.json'";
     } else if (stem.rfind("cluster_", 0) == 0 || stem.rfind("gpu_", 0) == 0) {
       args = "plan check --model tiny-gpt --cluster '" + path + "'";
     } else {
@@ -211,6 +256,7 @@ TEST(BadFixtures, EachGetsOneLineNamingTheFileAndExitCode2) {
     EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << args << "\n" << r.err;
     EXPECT_NE(r.err.find(entry.path().filename().string()), std::string::npos) << args << "\n" << r.err;
     EXPECT_TRUE(r.out.empty()) << args;
+    EXPECT_FALSE(fs::exists(::testing::TempDir() + "/parallax_bad_profile.json")) << args;
     ++checked;
   }
   EXPECT_GE(checked, 20);

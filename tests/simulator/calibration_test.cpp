@@ -107,7 +107,7 @@ TEST(Calibration, ReplayCostsMeasuredOpsExactlyAsMeasured) {
   EXPECT_DOUBLE_EQ(r.measured_fraction, 1.0);
   // All compute measured: the error band is the measurements' own spread, not the roofline's.
   EXPECT_DOUBLE_EQ(r.error_band, r.measured_spread);
-  EXPECT_DOUBLE_EQ(simulate(plan, cat.cluster("h100-8")).error_band, CostModelOptions{}.roofline_uncertainty);
+  EXPECT_NEAR(simulate(plan, cat.cluster("h100-8")).error_band, CostModelOptions{}.roofline_uncertainty, 1e-12);
   for (std::size_t k = 0; k < r.traced_ranks.size(); ++k) {
     const Program& prog = plan.program_of(r.traced_ranks[k]);
     for (std::size_t i = 0; i < prog.ops.size(); ++i) {

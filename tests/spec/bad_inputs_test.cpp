@@ -26,7 +26,7 @@ const SpecCatalog& catalog() {
   return c;
 }
 
-enum class Load { Model, Gpu, Cluster, Plan };
+enum class Load { Model, Gpu, Cluster, Plan, LayerTimes };
 
 struct BadCase {
   std::string file;         // in datasets/fixtures/bad/
@@ -45,6 +45,11 @@ void load(const BadCase& c, const fs::path& path) {
     case Load::Model: catalog().model(path.string()); return;
     case Load::Gpu: catalog().gpu(path.string()); return;
     case Load::Cluster: catalog().cluster(path.string()); return;
+    case Load::LayerTimes: {
+      const LayerTimesSpec times = catalog().layer_times(path.string());
+      for (const LayerTimesSpec::Run& run : times.runs) catalog().plan_of(times, run);
+      return;
+    }
     case Load::Plan: {
       const PlanSpec plan = catalog().plan(path.string());
       const ModelSpec model = catalog().model(c.model.empty() ? "gpt3-175b" : c.model);
@@ -134,6 +139,9 @@ const std::vector<BadCase>& bad_cases() {
        "fabric.oversubscription must be >= 1, got 0.5", ""},
       {"cluster_nvlink_efficiency.yaml", Load::Cluster, K::Spec, 9, 0,
        "node.nvlink_efficiency must be in (0, 1], got 1.2", "share of the NVLink line rate"},
+      {"layer_times_negative.yaml", Load::LayerTimes, K::Spec, 7, 60, "runs[1].backward_ms must be > 0, got -19.5", ""},
+      {"layer_times_unknown_plan.yaml", Load::LayerTimes, K::NotFound, 7, 0, "unknown plan 'gpt-22b-tp8-sideways'",
+       "closest: 'gpt-22b-tp8-none'"},
       // Plan rules.
       {"plan_tp_heads.yaml", Load::Plan, K::Plan, 2, 0,
        "tensor_model_parallel_size 5 must divide num_attention_heads 96", "nearest valid: 4 or 6"},

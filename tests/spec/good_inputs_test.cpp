@@ -125,6 +125,28 @@ TEST(Datasets, EveryPlanResolvesForItsModelAndFitsSomeCluster) {
   }
 }
 
+// Measured layer times name a model, a cluster and plans of the catalog, and times in milliseconds.
+TEST(Datasets, EveryLayerTimesFileNamesSpecsOfTheCatalog) {
+  int files = 0;
+  for (const std::string& name : stems(kDatasets / "layer_times")) {
+    SCOPED_TRACE(name);
+    EXPECT_LOADS({
+      const LayerTimesSpec t = load_layer_times_file(kDatasets / "layer_times" / (name + ".yaml"));
+      const ModelSpec model = catalog().model(t.model);
+      const ClusterSpec cluster = catalog().cluster(t.cluster);
+      ASSERT_FALSE(t.runs.empty());
+      for (const LayerTimesSpec::Run& run : t.runs) {
+        resolve_plan(catalog().plan(run.plan), model, &cluster);
+        EXPECT_GT(run.forward_ms, 0);
+        EXPECT_GT(run.backward_ms, run.forward_ms) << run.plan;  // a backward pass does twice the forward's GEMMs
+        EXPECT_GT(run.line, 0);
+      }
+    });
+    ++files;
+  }
+  EXPECT_GE(files, 1);
+}
+
 TEST(Datasets, DefaultRootIsTheEnvironmentVariable) {
   // ctest sets PARALLAX_DATASETS to the source tree's datasets folder.
   const char* env = std::getenv("PARALLAX_DATASETS");
