@@ -57,9 +57,9 @@ struct CostModelOptions {
 
   // Relative error an unmeasured cost carries into a prediction's error band: the largest miss of
   // the uncalibrated replay against the published runs whose hardware the specs describe
-  // (benchmarks/published_results.sh: 23.8%, Megatron-Core GPT-3 175B on 96 H100; README).
+  // (benchmarks/published_results.sh: 20.1%, Megatron-Core GPT-3 175B on 96 H100; README).
   // torchtitan's runs miss by more on H100s with 2.4 TB/s HBM that no spec here describes.
-  double roofline_uncertainty = 0.24;
+  double roofline_uncertainty = 0.21;
 };
 
 struct OpCost {

@@ -163,7 +163,7 @@ TEST(Calibrate, LayerTimesFitRecoversTheCurveLevelTheyWereMadeWith) {
   EXPECT_NEAR(profile["gemm_curve"]["scale"].get<double>(), 0.8, 1e-3);
   EXPECT_LT(profile["gemm_curve"]["residual"].get<double>(), 1e-3);
   EXPECT_EQ(profile["gemm_curve"]["points"].get<int>(), 4);
-  // A prediction costed by the fitted curve carries the fit's residual in its band, not the 24%
+  // A prediction costed by the fitted curve carries the fit's residual in its band, not the 21%
   // of an uncalibrated one.
   const auto fitted = run_json("simulate " + base + "--recompute none --profile '" + (dir / "fitted.json").string() + "' --json");
   const auto plain = run_json("simulate " + base + "--recompute none --json");
