@@ -887,10 +887,10 @@ SimResult run_replay(const CompiledPlan& plan, const ClusterSpec& cluster, const
       r.cost_models[std::string(c.model)] += c.seconds;
       if (c.measured()) {
         measured += c.seconds;
+        spread += c.seconds * c.spread;
         if (c.model == "measured-interpolated") interpolated += c.seconds;
       }
       band += c.seconds * (c.measured() || c.fitted ? c.spread : options.cost.roofline_uncertainty);
-      if (c.measured()) spread += c.seconds * c.spread;
     }
     r.measured_fraction = all > 0 ? measured / all : 0;
     r.interpolated_fraction = all > 0 ? interpolated / all : 0;

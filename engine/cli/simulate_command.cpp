@@ -68,9 +68,8 @@ namespace {
 // one minimum; a golden-section search finds it between a quarter of the curve and the peak.
 int calibrate_layer_times(const Options& o, const SpecCatalog& cat) {
   const LayerTimesSpec spec = cat.layer_times(o.sim.layer_times);
-  const std::filesystem::path file = spec.file;
   std::error_code ec;
-  if (std::filesystem::equivalent(file, o.sim.out, ec))
+  if (std::filesystem::equivalent(spec.file, o.sim.out, ec))
     throw Error(ErrorKind::Usage, {}, fmt::format("--out {} is the layer-times file itself", o.sim.out), "write the profile to another file");
   const ModelSpec model = cat.model(spec.model);
   const ClusterSpec cluster = cat.cluster(spec.cluster);
