@@ -57,9 +57,10 @@ percent() { awk -v e="$1" 'BEGIN { printf "%+.1f%%", 100 * e }'; }
 for pass in $(seq 1 "$passes"); do
   pdir="$dir/pass$pass"
   mkdir -p "$pdir"
-  # The collectives' and messages' own cost on this machine, for the profiles.
+  # The collectives' and messages' own cost on this machine, for the profiles: five sweeps pooled,
+  # so that a second-long slowdown of the machine moves one sweep's points, not the table.
   [ "$replay_only" = 1 ] ||
-    "$mpiexec" -np 2 --oversubscribe "$comm_bench" -b 4 -e 4194304 -f 2 -n 100 -w 10 -c all --json "$pdir/comm.json" > "$pdir/comm.log" 2>&1 ||
+    "$mpiexec" -np 2 --oversubscribe "$comm_bench" -b 4 -e 4194304 -f 2 -n 100 -w 10 -N 5 -c all --json "$pdir/comm.json" > "$pdir/comm.log" 2>&1 ||
     { cat "$pdir/comm.log"; echo "FAIL: comm benchmark"; exit 1; }
   declare -A one_rank=()  # model -> the profile of its one-rank run in this pass
   for i in "${!plans[@]}"; do

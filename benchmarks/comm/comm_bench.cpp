@@ -79,7 +79,7 @@ int main(int argc, char** argv) {
   px::MpiRuntime mpi(&argc, &argv);
   CLI::App app{"Collective bandwidth in nccl-tests' columns"};
   std::size_t min_bytes = 8, max_bytes = 64 << 20;
-  int factor = 2, iters = 20, warmup = 5;
+  int factor = 2, iters = 20, warmup = 5, cycles = 1;
   std::string which = "all", json_path;
 #ifdef PX_COMM_BENCH_NCCL
   std::string backend = "nccl";
@@ -91,6 +91,7 @@ int main(int argc, char** argv) {
   app.add_option("-f,--stepfactor", factor, "Size multiplier between steps")->check(CLI::Range(2, 1024));
   app.add_option("-n,--iters", iters, "Timed iterations per size")->check(CLI::Range(1, 100000));
   app.add_option("-w,--warmup_iters", warmup, "Untimed iterations per size")->check(CLI::Range(0, 100000));
+  app.add_option("-N,--run_cycles", cycles, "Sweeps over all sizes, pooled into one row per size")->check(CLI::Range(1, 1000));
   app.add_option("-c,--collective", which, "all_reduce, all_gather, reduce_scatter, all_to_all, broadcast, send_recv or all");
   app.add_option("--json", json_path, "Also write the rows as JSON (rank 0)");
   app.add_option("--backend", backend, "mpi (CPU, host buffers) or nccl (GPU, device buffers; comm_bench_nccl)")
@@ -133,28 +134,41 @@ int main(int argc, char** argv) {
   }
 #endif
   const char* backend_text = on_device ? "NCCL on GPU" : "MPI on CPU";
-  nlohmann::json rows = nlohmann::json::array();
-  std::size_t total_wrong = 0;
-  bool found = false;
+  // One measurement per (collective, size), pooled over the cycles: each cycle sweeps every size
+  // once, so a neighbour that slows this machine for a second spoils one cycle's points, and the
+  // median of the cycles' medians stays where the undisturbed ones are.
+  struct Point {
+    const Collective* coll;
+    std::size_t count;
+    std::size_t wrong = 0;
+    std::vector<double> rank_sums;      // each rank's summed time over every cycle
+    std::vector<double> cycle_medians;  // each cycle's median iteration (its slowest rank)
+  };
+  std::vector<Point> points;
   for (const Collective& coll : px::bench::collectives()) {
     if (which != "all" && which != coll.name) continue;
-    found = true;
-    if (rank == 0) {
-      fmt::print("# Collective {}: {} ranks, {}, fp32; time = slowest rank's mean over {} iterations, median = median iteration's slowest rank\n", coll.name, n, backend_text,
-                 iters);
-      fmt::print("# {:>10} {:>12} {:>8} {:>6} {:>6} {:>10} {:>8} {:>8} {:>6} {:>10}\n", "size", "count", "type", "redop", "root",
-                 "time", "algbw", "busbw", "#wrong", "median");
-      fmt::print("# {:>10} {:>12} {:>8} {:>6} {:>6} {:>10} {:>8} {:>8} {:>6} {:>10}\n", "(B)", "(elements)", "", "", "", "(us)",
-                 "(GB/s)", "(GB/s)", "", "(us)");
-    }
+    std::size_t last_count = 0;
     for (std::size_t bytes = min_bytes; bytes <= max_bytes; bytes *= static_cast<std::size_t>(factor)) {
       // Whole elements, divisible by the member count so every split collective has equal blocks.
-      std::size_t count = std::max<std::size_t>(bytes / sizeof(float) / static_cast<std::size_t>(n), 1) * static_cast<std::size_t>(n);
+      const std::size_t count = std::max<std::size_t>(bytes / sizeof(float) / static_cast<std::size_t>(n), 1) * static_cast<std::size_t>(n);
+      if (count == last_count) continue;  // sizes below one element per member measure the same message
+      last_count = count;
+      points.push_back({&coll, count, 0, std::vector<double>(static_cast<std::size_t>(n), 0.0), {}});
+    }
+  }
+  if (points.empty()) {
+    if (rank == 0) std::fprintf(stderr, "comm_bench: unknown collective '%s'\n", which.c_str());
+    return 2;
+  }
+  for (int cycle = 0; cycle < cycles; ++cycle) {
+    for (Point& p : points) {
+      const Collective& coll = *p.coll;
       Buffers b;
-      fill_buffers(coll, rank, n, count, on_device, b);
+      fill_buffers(coll, rank, n, p.count, on_device, b);
       coll.run(*bench, b.run);
       std::vector<float> wrong{static_cast<float>(coll.check(*bench, b.in.size(), b.host_out(on_device)))};
       world->all_reduce(wrong);
+      p.wrong += static_cast<std::size_t>(wrong[0]);
       for (int i = 0; i < warmup; ++i) coll.run(*bench, b.run);
       bench->barrier();
       // Each iteration timed on its own: on a shared machine a few descheduled iterations move the
@@ -168,35 +182,43 @@ int main(int argc, char** argv) {
         last = now;
       }
       world->all_gather(each, all_each);
-      // time: the slowest rank's mean; median: of each iteration's slowest rank.
-      double t = 0;
       std::vector<double> slowest(each.size(), 0.0);
-      for (std::size_t r = 0; r < static_cast<std::size_t>(n); ++r) {
-        double sum = 0;
+      for (std::size_t r = 0; r < static_cast<std::size_t>(n); ++r)
         for (std::size_t i = 0; i < each.size(); ++i) {
           const double x = all_each[r * each.size() + i];
-          sum += x;
+          p.rank_sums[r] += x;
           slowest[i] = std::max(slowest[i], x);
         }
-        t = std::max(t, sum / iters);
-      }
-      const double median = px::median(std::move(slowest));
-      const double size = static_cast<double>(count * sizeof(float));
-      const double algbw = size / t / 1e9, busbw = algbw * coll.bus_factor(n);
-      total_wrong += static_cast<std::size_t>(wrong[0]);
-      if (rank == 0) {
-        fmt::print("  {:>10} {:>12} {:>8} {:>6} {:>6} {:>10.2f} {:>8.2f} {:>8.2f} {:>6} {:>10.2f}\n", count * sizeof(float), count,
-                   "float", coll.redop, coll.name == std::string("broadcast") ? 0 : -1, t * 1e6, algbw, busbw,
-                   static_cast<std::size_t>(wrong[0]), median * 1e6);
-        rows.push_back({{"collective", coll.name}, {"ranks", n}, {"size_bytes", count * sizeof(float)}, {"count", count},
-                        {"time_us", t * 1e6}, {"algbw_gbs", algbw}, {"busbw_gbs", busbw}, {"wrong", wrong[0]},
-                        {"median_us", median * 1e6}});
-      }
+      p.cycle_medians.push_back(px::median(std::move(slowest)));
     }
   }
-  if (!found) {
-    if (rank == 0) std::fprintf(stderr, "comm_bench: unknown collective '%s'\n", which.c_str());
-    return 2;
+  nlohmann::json rows = nlohmann::json::array();
+  std::size_t total_wrong = 0;
+  const Collective* heading = nullptr;
+  for (Point& p : points) {
+    const Collective& coll = *p.coll;
+    if (rank == 0 && heading != p.coll) {
+      heading = p.coll;
+      fmt::print("# Collective {}: {} ranks, {}, fp32; time = slowest rank's mean over {} iterations x {} cycles, median = median over the cycles "
+                 "of the median iteration's slowest rank\n",
+                 coll.name, n, backend_text, iters, cycles);
+      fmt::print("# {:>10} {:>12} {:>8} {:>6} {:>6} {:>10} {:>8} {:>8} {:>6} {:>10}\n", "size", "count", "type", "redop", "root",
+                 "time", "algbw", "busbw", "#wrong", "median");
+      fmt::print("# {:>10} {:>12} {:>8} {:>6} {:>6} {:>10} {:>8} {:>8} {:>6} {:>10}\n", "(B)", "(elements)", "", "", "", "(us)",
+                 "(GB/s)", "(GB/s)", "", "(us)");
+    }
+    const double t = *std::max_element(p.rank_sums.begin(), p.rank_sums.end()) / (static_cast<double>(iters) * cycles);
+    const double median = px::median(std::move(p.cycle_medians));
+    const double size = static_cast<double>(p.count * sizeof(float));
+    const double algbw = size / t / 1e9, busbw = algbw * coll.bus_factor(n);
+    total_wrong += p.wrong;
+    if (rank == 0) {
+      fmt::print("  {:>10} {:>12} {:>8} {:>6} {:>6} {:>10.2f} {:>8.2f} {:>8.2f} {:>6} {:>10.2f}\n", p.count * sizeof(float), p.count, "float",
+                 coll.redop, coll.name == std::string("broadcast") ? 0 : -1, t * 1e6, algbw, busbw, p.wrong, median * 1e6);
+      rows.push_back({{"collective", coll.name}, {"ranks", n}, {"size_bytes", p.count * sizeof(float)}, {"count", p.count},
+                      {"time_us", t * 1e6}, {"algbw_gbs", algbw}, {"busbw_gbs", busbw}, {"wrong", p.wrong},
+                      {"median_us", median * 1e6}, {"cycles", cycles}});
+    }
   }
   if (rank == 0) {
     fmt::print("# Out of bounds values : {} {}\n", total_wrong, total_wrong ? "FAILED" : "OK");
