@@ -4,6 +4,7 @@
 // links between its hosts and shares them with whatever else is in flight.
 #include "simulator/replay.hpp"
 
+#include <malloc.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -858,6 +859,11 @@ SimResult run_replay(const CompiledPlan& plan, const ClusterSpec& cluster, const
   char stack[] = "--cfg=contexts/stack-size:64";
   char* argv[] = {name, quiet, guard, stack, nullptr};
   char** args = argv;
+  // The stacks are calloc'ed: carved from the heap, each is cleared, all 64 KiB made resident,
+  // though a stream touches a few pages of it. Mapped on their own they start as untouched zero
+  // pages (adjacent mappings merge, so the mapping count stays low). Only this process replays.
+  mallopt(M_MMAP_THRESHOLD, 64 << 10);
+  mallopt(M_MMAP_MAX, 1 << 24);
   s4u::Engine engine(&argc, args);
   const Platform platform(cluster, plan.topology.world_size(), options.links);
   Replay replay(plan, cluster, options);
