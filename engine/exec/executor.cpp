@@ -17,8 +17,6 @@ double seconds_now() {
   return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
 }
 
-constexpr int kForwardTag = 1, kBackwardTag = 2, kRingTag = 3;
-
 bool overlaps(std::pair<std::int64_t, std::int64_t> a, std::pair<std::int64_t, std::int64_t> b) {
   return a.first < b.second && b.first < a.second;
 }
@@ -45,12 +43,27 @@ Executor::Executor(const CompiledPlan& plan, int rank, ComputeBackend& backend, 
       throw Error(ErrorKind::Usage, {},
                   fmt::format("rank {} has no {}-member communicator for group {}", rank, want, to_string(op.group)),
                   "launch with the plan's world size");
-    if (device_ && !c->stand_in())
+    if (device_ && !c->stand_in() && !backend.device_comm())
       throw Error(ErrorKind::Usage, {},
-                  fmt::format("op '{}' needs group {} of {} ranks, but the device engine runs one rank alone",
+                  fmt::format("op '{}' needs group {} of {} ranks, but this device backend runs one rank alone",
                               program_.name_of(op), to_string(op.group), want),
                   "run a one-rank plan, or one rank of this plan with --emulate-rank");
   }
+  layouts_.resize(program_.ops.size());
+  for (std::uint32_t i = 0; i < program_.ops.size(); ++i) {
+    const Op& op = program_.ops[i];
+    if (!is_comm(op.kind)) continue;
+    const Communicator& c = *groups_[static_cast<std::size_t>(op.group)];
+    layouts_[i] = comm_layout(program_, i, memory_, c.rank(), c.size());
+  }
+}
+
+std::vector<CommHandlePtr> ComputeBackend::post_comm(std::uint32_t, const CommLayout&, Communicator&, TensorArena&) {
+  throw std::logic_error("post_comm: this backend has no device communicators");
+}
+
+void ComputeBackend::finish_comm(std::uint32_t, const CommLayout&, std::vector<CommHandlePtr>, TensorArena&) {
+  throw std::logic_error("finish_comm: this backend has no device communicators");
 }
 
 double Executor::now() const { return seconds_now() - epoch_; }
@@ -103,7 +116,7 @@ std::vector<OpTiming> Executor::run_ops() {
       if (program_.tensors[u.tensor].first_op == i && !is_persistent(program_.tensors[u.tensor].cls))
         arena_.zero(u.tensor);
     }
-    if (is_comm(op.kind) && device_) {
+    if (is_comm(op.kind) && device_ && groups_[static_cast<std::size_t>(op.group)]->stand_in()) {
       timings_[i].start = timings_[i].end = now();
       backend_.mark(i);
     } else if (is_comm(op.kind)) {
@@ -149,7 +162,9 @@ std::vector<OpTiming> Executor::run_ops() {
 void Executor::wait_for(std::uint32_t op) {
   for (std::size_t f = 0; f < in_flight_.size(); ++f)
     if (in_flight_[f].op == op) {
-      for (auto& h : in_flight_[f].handles) h->wait();
+      // A device's later work waits for the op on the device (finish); the host goes on.
+      if (!device_)
+        for (auto& h : in_flight_[f].handles) h->wait();
       finish(in_flight_[f]);
       in_flight_.erase(in_flight_.begin() + static_cast<std::ptrdiff_t>(f));
       return;
@@ -162,10 +177,11 @@ void Executor::wait_for(std::uint32_t op) {
 void Executor::wait_overlapping(std::uint32_t index) {
   using Range = std::pair<std::int64_t, std::int64_t>;
   // Waits for every other in-flight op whose `which` ranges overlap r.
-  const auto wait_hitting = [&](Range r, std::vector<Range> InFlight::*which) {
+  const auto wait_hitting = [&](Range r, std::vector<ArenaRange> CommLayout::*which) {
     for (std::size_t f = 0; f < in_flight_.size();) {
-      const auto& ranges = in_flight_[f].*which;
-      if (in_flight_[f].op != index && std::any_of(ranges.begin(), ranges.end(), [&](Range x) { return overlaps(x, r); }))
+      const auto& ranges = layouts_[in_flight_[f].op].*which;
+      const auto hits = [&](ArenaRange x) { return overlaps({x.offset, x.offset + x.bytes}, r); };
+      if (in_flight_[f].op != index && std::any_of(ranges.begin(), ranges.end(), hits))
         wait_for(in_flight_[f].op);
       else
         ++f;
@@ -174,146 +190,67 @@ void Executor::wait_overlapping(std::uint32_t index) {
   for (const TensorUse& u : program_.uses_of(program_.ops[index])) {
     const std::int64_t at = arena_.offset(u.tensor);
     if (u.write)
-      wait_hitting({at, at + program_.tensors[u.tensor].bytes}, &InFlight::ranges);  // the whole tensor: it may be zeroed
+      wait_hitting({at, at + program_.tensors[u.tensor].bytes}, &CommLayout::holds);  // the whole tensor: it may be zeroed
     else
-      wait_hitting({at + u.offset, at + u.offset + u.bytes}, &InFlight::writes);
+      wait_hitting({at + u.offset, at + u.offset + u.bytes}, &CommLayout::writes);
   }
 }
 
 void Executor::finish(InFlight& f) {
+  const CommLayout& L = layouts_[f.op];
+  if (device_) {
+    backend_.finish_comm(f.op, L, std::move(f.handles), arena_);
+    return;
+  }
   const double start = now();
-  const auto& src = f.staging.back();
-  for (const auto& u : f.unpack) {
-    float* dst = view_of(u.use).data();
-    for (std::size_t i = 0; i < u.count; ++i) dst[i] = u.accumulate ? dst[i] + src[u.from + i] : src[u.from + i];
+  const float* src = f.staging[kStagingOut].data();
+  for (const StagingCopy& c : L.drain) {
+    auto* dst = reinterpret_cast<float*>(arena_.bytes_at(c.arena, c.bytes).data());
+    const float* from = src + c.staging / sizeof(float);
+    const auto n = static_cast<std::size_t>(c.bytes) / sizeof(float);
+    for (std::size_t i = 0; i < n; ++i) dst[i] = L.accumulate ? dst[i] + from[i] : from[i];
   }
   timings_[f.op].end = now();
   host_[f.op] += timings_[f.op].end - start;
 }
 
-std::span<float> Executor::view_of(const TensorUse& u) {
-  const auto b = arena_.bytes(u.tensor).subspan(static_cast<std::size_t>(u.offset), static_cast<std::size_t>(u.bytes));
+std::span<float> Executor::floats(const CommOperand& o, InFlight& f) {
+  if (o.staging >= 0) return f.staging[static_cast<std::size_t>(o.staging)];
+  const auto b = arena_.bytes_at(o.range.offset, o.range.bytes);
   return {reinterpret_cast<float*>(b.data()), b.size() / sizeof(float)};
 }
 
 void Executor::post(std::uint32_t index) {
   const Op& op = program_.ops[index];
   Communicator& c = *groups_[static_cast<std::size_t>(op.group)];
-  const auto elems = static_cast<std::size_t>(op.comm_bytes) / sizeof(float);
-  const auto n = static_cast<std::size_t>(c.size());
-  std::vector<TensorUse> reads, writes;
-  InFlight f{index, {}, {}, {}, {}, {}};
-  f.staging.reserve(2);  // spans into staging buffers must survive later push_backs
-  for (const TensorUse& u : program_.uses_of(op)) {
-    (u.write ? writes : reads).push_back(u);
-    f.ranges.emplace_back(arena_.offset(u.tensor) + u.offset, arena_.offset(u.tensor) + u.offset + u.bytes);
-    if (u.write) f.writes.push_back(f.ranges.back());
+  const CommLayout& L = layouts_[index];
+  InFlight f{index, {}, {}};
+  if (device_) {
+    f.handles = backend_.post_comm(index, L, c, arena_);
+    in_flight_.push_back(std::move(f));
+    return;
   }
-  // Concatenation of views.
-  auto pack = [&](const std::vector<TensorUse>& us) {
-    std::vector<float> buf;
-    for (const auto& u : us) buf.insert(buf.end(), view_of(u).begin(), view_of(u).end());
-    return buf;
-  };
-  // An output staging buffer whose consecutive parts go back to `us` when the op ends.
-  auto output_to = [&](const std::vector<TensorUse>& us, std::size_t size, bool accumulate = false) -> std::span<float> {
-    std::size_t offset = 0;
-    for (const auto& u : us) {
-      const std::size_t count = view_of(u).size();
-      f.unpack.push_back({u, offset, count, accumulate});
-      offset += count;
-    }
-    assert(offset == size);
-    f.staging.emplace_back(size, 0.0f);
-    return f.staging.back();
-  };
-  auto single = [&](const std::vector<TensorUse>& us) { return us.size() == 1 && view_of(us[0]).size() == elems; };
-  const std::size_t me = static_cast<std::size_t>(c.rank());
-  const int peer = (c.rank() + c.size() + op.peer) % c.size();  // Send/Recv/ring: the member op.peer places on
-  const int prev = (c.rank() + c.size() - 1) % c.size();
-
-  switch (op.kind) {
-    case OpKind::AllReduce: {
-      const bool max = op.variant == Variant::ReduceMax;
-      std::span<float> buf;
-      if (single(writes)) {
-        buf = view_of(writes[0]);
-      } else {
-        buf = output_to(writes, elems);
-        const auto packed = pack(writes);
-        std::copy(packed.begin(), packed.end(), buf.begin());
-      }
-      f.handles.push_back(max ? c.start_all_reduce_max(buf) : c.start_all_reduce(buf));
+  assert(L.dtype == DType::F32);
+  for (std::size_t s = 0; s < 2; ++s) {
+    f.staging[s].assign(static_cast<std::size_t>(L.staging_bytes[s]) / sizeof(float), 0.0f);
+    for (const StagingCopy& copy : L.fill[s])
+      std::memcpy(reinterpret_cast<std::byte*>(f.staging[s].data()) + copy.staging, arena_.bytes_at(copy.arena, copy.bytes).data(),
+                  static_cast<std::size_t>(copy.bytes));
+  }
+  const std::span<float> in = floats(L.in, f), out = floats(L.out, f);
+  using Call = CommLayout::Call;
+  switch (L.call) {
+    case Call::AllReduce: f.handles.push_back(c.start_all_reduce(out)); break;
+    case Call::AllReduceMax: f.handles.push_back(c.start_all_reduce_max(out)); break;
+    case Call::AllGather: f.handles.push_back(c.start_all_gather(in, out)); break;
+    case Call::ReduceScatter: f.handles.push_back(c.start_reduce_scatter(in, out)); break;
+    case Call::AllToAll: f.handles.push_back(c.start_all_to_all(in, out)); break;
+    case Call::Send: f.handles.push_back(c.start_send(in, L.to, L.tag)); break;
+    case Call::Recv: f.handles.push_back(c.start_recv(out, L.from, L.tag)); break;
+    case Call::RingExchange:
+      f.handles.push_back(c.start_recv(out, L.from, L.tag));
+      f.handles.push_back(c.start_send(in, L.to, L.tag));
       break;
-    }
-    case OpKind::AllGather: {
-      const std::size_t block = elems / n;
-      // The local block: the shard it reads, or (weights gathered back in place) its own block.
-      std::vector<float> mine;
-      if (reads.empty()) {
-        const auto all = pack(writes);
-        mine.assign(all.begin() + static_cast<std::ptrdiff_t>(me * block), all.begin() + static_cast<std::ptrdiff_t>((me + 1) * block));
-      } else {
-        mine = pack(reads);
-        mine.resize(block);
-      }
-      f.staging.push_back(std::move(mine));
-      const std::span<const float> in = f.staging.back();
-      if (single(writes))
-        f.handles.push_back(c.start_all_gather(in, view_of(writes[0])));
-      else
-        f.handles.push_back(c.start_all_gather(in, output_to(writes, elems)));
-      break;
-    }
-    case OpKind::ReduceScatter: {
-      // Input: the largest view it reads; output: its write. When the output is also read (a
-      // ZeRO-2/3 gradient shard over micro-batches), the result adds to it.
-      const std::size_t block = elems / n;
-      const TensorUse* input = &reads.front();
-      for (const auto& u : reads)
-        if (u.bytes > input->bytes) input = &u;
-      std::span<const float> in = view_of(*input);
-      const TensorUse out = writes.front();
-      const bool in_place = out.tensor == input->tensor;
-      const bool accumulate = !in_place && std::any_of(reads.begin(), reads.end(), [&](const TensorUse& u) { return u.tensor == out.tensor; });
-      if (in_place) {
-        // ZeRO-1's full-size buffer: the rank's block of the sum lands in its own slice.
-        TensorUse slice = out;
-        slice.offset += static_cast<std::int64_t>(me * block * sizeof(float));
-        slice.bytes = static_cast<std::int64_t>(block * sizeof(float));
-        f.staging.push_back(std::vector<float>(in.begin(), in.end()));
-        in = f.staging.back();
-        f.handles.push_back(c.start_reduce_scatter(in, output_to({slice}, block)));
-      } else {
-        f.handles.push_back(c.start_reduce_scatter(in, output_to({out}, block, accumulate)));
-      }
-      break;
-    }
-    case OpKind::AllToAll:
-      f.handles.push_back(c.start_all_to_all(view_of(reads.front()), view_of(writes.front())));
-      break;
-    // Tags keep the message streams apart: with two pipeline stages "next" and "previous" are the
-    // same rank, and activations and gradients must not match each other's receives.
-    // A message is copied out at posting: its tensor's bytes are free for reuse at once, so the
-    // sender never waits for its receiver to reach the matching receive (which may be waiting for
-    // this rank further down its program).
-    case OpKind::Send:
-      f.staging.push_back(pack({reads.front()}));
-      f.ranges.clear();
-      f.handles.push_back(c.start_send(f.staging.back(), peer, op.peer > 0 ? kForwardTag : kBackwardTag));
-      break;
-    case OpKind::Recv:
-      f.handles.push_back(c.start_recv(view_of(writes.front()), peer, op.peer < 0 ? kForwardTag : kBackwardTag));
-      break;
-    case OpKind::RingExchange:
-      f.staging.push_back(pack({reads.front()}));
-      f.ranges = {{arena_.offset(writes.front().tensor) + writes.front().offset,
-                   arena_.offset(writes.front().tensor) + writes.front().offset + writes.front().bytes}};
-      f.handles.push_back(c.start_recv(view_of(writes.front()), prev, kRingTag));
-      f.handles.push_back(c.start_send(f.staging.back(), peer, kRingTag));
-      break;
-    default:
-      assert(false && "not a comm op");
   }
   in_flight_.push_back(std::move(f));
 }

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "engine/comm/communicator.hpp"
+#include "engine/exec/comm_layout.hpp"
 #include "engine/exec/heartbeat.hpp"
 #include "engine/exec/tensor_arena.hpp"
 #include "engine/plan/compiler.hpp"
@@ -36,6 +37,18 @@ class ComputeBackend {
   // Device backends: called once the iteration's last op is issued; waits for the device and
   // writes every op's device start and end into `timings`, on the executor's clock.
   virtual void device_timings(std::span<OpTiming> /*timings*/) {}
+
+  // Device backends with communicators of their own (NCCL over device buffers): a comm op whose
+  // communicator is no stand-in goes to post_comm and finish_comm, not to the host's staging.
+  virtual bool device_comm() const { return false; }
+  // Posts comm op `index` as `layout` has it on `comm`, after the device's work so far, with
+  // staging buffers of the backend's own; returns its handles.
+  virtual std::vector<CommHandlePtr> post_comm(std::uint32_t index, const CommLayout& layout, Communicator& comm, TensorArena& arena);
+  // The op finished on the host's test, or a later op needs it: the device's later work waits for
+  // it (the host does not) and its output leaves staging. The backend keeps the handles until
+  // device_timings, which waits for them on the host (against the communicators' timeout, so a
+  // dead peer ends the iteration with CommTimeout) and times the op by them.
+  virtual void finish_comm(std::uint32_t index, const CommLayout& layout, std::vector<CommHandlePtr> handles, TensorArena& arena);
 };
 
 // Runs no arithmetic: for exercising the schedule, the memory layout and the real collectives.
@@ -56,8 +69,8 @@ class RankFailure : public CommTimeout {
 class Executor {
  public:
   // On a host backend `plan` must be an fp32 plan (precision and gradients): the CPU engine's
-  // arithmetic and its communicators' buffers. On a device backend every communicator must be a
-  // stand-in: comm ops move no data there (one rank alone, or a one-rank plan).
+  // arithmetic and its communicators' buffers. On a device backend a communicator is a stand-in
+  // (comm ops move no data: one rank alone) unless the backend has device_comm().
   Executor(const CompiledPlan& plan, int rank, ComputeBackend& backend, const GroupComms& groups);
 
   // One iteration; timings in seconds since the executor was made. A comm timeout becomes a
@@ -80,21 +93,12 @@ class Executor {
   struct InFlight {
     std::uint32_t op;
     std::vector<CommHandlePtr> handles;
-    std::vector<std::pair<std::int64_t, std::int64_t>> ranges;  // arena bytes it reads or writes
-    std::vector<std::pair<std::int64_t, std::int64_t>> writes;  // arena bytes it writes
-    std::vector<std::vector<float>> staging;  // packed buffers it owns; the last one is its output
-    struct Unpack {
-      TensorUse use;      // the view it fills
-      std::size_t from;   // offset in the output staging buffer
-      std::size_t count;  // elements
-      bool accumulate;    // add to the view instead of overwriting it
-    };
-    std::vector<Unpack> unpack;  // copies out of the output staging when it ends
+    std::array<std::vector<float>, 2> staging;  // host staging (comm_layout.hpp's kStagingIn/Out)
   };
 
   std::vector<OpTiming> run_ops();
   void post(std::uint32_t index);
-  std::span<float> view_of(const TensorUse& u);
+  std::span<float> floats(const CommOperand& o, InFlight& f);
   void finish(InFlight& f);
   void wait_for(std::uint32_t op);
   void wait_overlapping(std::uint32_t index);
@@ -108,6 +112,7 @@ class Executor {
   GroupComms groups_;
   MemoryPlan memory_;
   TensorArena arena_;
+  std::vector<CommLayout> layouts_;  // per op (comm ops')
   std::vector<InFlight> in_flight_;
   std::vector<OpTiming> timings_;
   std::vector<double> host_;

@@ -37,6 +37,10 @@ void TensorArena::zero(std::uint32_t tensor) {
     std::memset(b.data(), 0, b.size());
 }
 
+std::span<std::byte> TensorArena::bytes_at(std::int64_t offset, std::int64_t bytes) {
+  return {base_.get() + offset, static_cast<std::size_t>(bytes)};
+}
+
 std::span<std::byte> TensorArena::bytes(std::uint32_t tensor) {
   assert(tensor < program_.tensors.size());
   return {base_.get() + plan_.offsets[tensor], static_cast<std::size_t>(program_.tensors[tensor].bytes)};

@@ -30,6 +30,8 @@ class TensorArena {
   std::span<std::byte> bytes(std::uint32_t tensor);
   // fp32 view; the CPU engine runs fp32 plans, so every tensor is a whole number of floats.
   std::span<float> floats(std::uint32_t tensor);
+  // Arena bytes [offset, offset + bytes), e.g. a comm op's operand (engine/exec/comm_layout.hpp).
+  std::span<std::byte> bytes_at(std::int64_t offset, std::int64_t bytes);
   void zero(std::uint32_t tensor);
   bool on_device() const { return memory_ != nullptr; }
   std::int64_t offset(std::uint32_t tensor) const { return plan_.offsets[tensor]; }
