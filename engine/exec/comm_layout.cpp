@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <cassert>
+#include <cstring>
 
 #include "engine/spec/spec.hpp"
 
@@ -155,6 +156,53 @@ CommLayout comm_layout(const Program& program, std::uint32_t index, const Memory
       assert(false && "not a comm op");
   }
   return L;
+}
+
+namespace {
+
+std::span<float> floats(const CommOperand& o, HostComm& posted, TensorArena& arena) {
+  if (o.staging >= 0) return posted.staging[static_cast<std::size_t>(o.staging)];
+  const auto b = arena.bytes_at(o.range.offset, o.range.bytes);
+  return {reinterpret_cast<float*>(b.data()), b.size() / sizeof(float)};
+}
+
+}  // namespace
+
+HostComm post_on_host(const CommLayout& L, Communicator& c, TensorArena& arena) {
+  assert(L.dtype == DType::F32);
+  HostComm f;
+  for (std::size_t s = 0; s < 2; ++s) {
+    f.staging[s].assign(static_cast<std::size_t>(L.staging_bytes[s]) / sizeof(float), 0.0f);
+    for (const StagingCopy& copy : L.fill[s])
+      std::memcpy(reinterpret_cast<std::byte*>(f.staging[s].data()) + copy.staging, arena.bytes_at(copy.arena, copy.bytes).data(),
+                  static_cast<std::size_t>(copy.bytes));
+  }
+  const std::span<float> in = floats(L.in, f, arena), out = floats(L.out, f, arena);
+  using Call = CommLayout::Call;
+  switch (L.call) {
+    case Call::AllReduce: f.handles.push_back(c.start_all_reduce(out)); break;
+    case Call::AllReduceMax: f.handles.push_back(c.start_all_reduce_max(out)); break;
+    case Call::AllGather: f.handles.push_back(c.start_all_gather(in, out)); break;
+    case Call::ReduceScatter: f.handles.push_back(c.start_reduce_scatter(in, out)); break;
+    case Call::AllToAll: f.handles.push_back(c.start_all_to_all(in, out)); break;
+    case Call::Send: f.handles.push_back(c.start_send(in, L.to, L.tag)); break;
+    case Call::Recv: f.handles.push_back(c.start_recv(out, L.from, L.tag)); break;
+    case Call::RingExchange:
+      f.handles.push_back(c.start_recv(out, L.from, L.tag));
+      f.handles.push_back(c.start_send(in, L.to, L.tag));
+      break;
+  }
+  return f;
+}
+
+void drain_on_host(const CommLayout& L, const HostComm& posted, TensorArena& arena) {
+  const float* src = posted.staging[kStagingOut].data();
+  for (const StagingCopy& c : L.drain) {
+    auto* dst = reinterpret_cast<float*>(arena.bytes_at(c.arena, c.bytes).data());
+    const float* from = src + c.staging / static_cast<std::int64_t>(sizeof(float));
+    const auto n = static_cast<std::size_t>(c.bytes) / sizeof(float);
+    for (std::size_t i = 0; i < n; ++i) dst[i] = L.accumulate ? dst[i] + from[i] : from[i];
+  }
 }
 
 }  // namespace px

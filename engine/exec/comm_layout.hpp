@@ -9,6 +9,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "engine/comm/communicator.hpp"
+#include "engine/exec/tensor_arena.hpp"
 #include "engine/plan/memory_planner.hpp"
 #include "engine/plan/program.hpp"
 
@@ -55,5 +57,15 @@ struct CommLayout {
 
 // The layout of comm op `index` of `program` on member `member` of its group of `size`.
 CommLayout comm_layout(const Program& program, std::uint32_t index, const MemoryPlan& memory, int member, int size);
+
+// A comm op in flight from host memory: its handles and the staging it owns.
+struct HostComm {
+  std::vector<CommHandlePtr> handles;
+  std::array<std::vector<float>, 2> staging;
+};
+// Posts an fp32 op as `layout` says on `comm`, over a host arena.
+HostComm post_on_host(const CommLayout& layout, Communicator& comm, TensorArena& arena);
+// Once its handles have finished: the output staging back into the arena.
+void drain_on_host(const CommLayout& layout, const HostComm& posted, TensorArena& arena);
 
 }  // namespace px

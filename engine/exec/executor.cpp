@@ -134,7 +134,7 @@ std::vector<OpTiming> Executor::run_ops() {
     for (std::size_t f = 0; f < in_flight_.size();) {
       const double tested = now();
       bool done = true;
-      for (auto& h : in_flight_[f].handles) done = done && h->test();
+      for (auto& h : in_flight_[f].comm.handles) done = done && h->test();
       host_[in_flight_[f].op] += now() - tested;
       if (done) {
         finish(in_flight_[f]);
@@ -164,7 +164,7 @@ void Executor::wait_for(std::uint32_t op) {
     if (in_flight_[f].op == op) {
       // A device's later work waits for the op on the device (finish); the host goes on.
       if (!device_)
-        for (auto& h : in_flight_[f].handles) h->wait();
+        for (auto& h : in_flight_[f].comm.handles) h->wait();
       finish(in_flight_[f]);
       in_flight_.erase(in_flight_.begin() + static_cast<std::ptrdiff_t>(f));
       return;
@@ -199,59 +199,23 @@ void Executor::wait_overlapping(std::uint32_t index) {
 void Executor::finish(InFlight& f) {
   const CommLayout& L = layouts_[f.op];
   if (device_) {
-    backend_.finish_comm(f.op, L, std::move(f.handles), arena_);
+    backend_.finish_comm(f.op, L, std::move(f.comm.handles), arena_);
     return;
   }
   const double start = now();
-  const float* src = f.staging[kStagingOut].data();
-  for (const StagingCopy& c : L.drain) {
-    auto* dst = reinterpret_cast<float*>(arena_.bytes_at(c.arena, c.bytes).data());
-    const float* from = src + c.staging / sizeof(float);
-    const auto n = static_cast<std::size_t>(c.bytes) / sizeof(float);
-    for (std::size_t i = 0; i < n; ++i) dst[i] = L.accumulate ? dst[i] + from[i] : from[i];
-  }
+  drain_on_host(L, f.comm, arena_);
   timings_[f.op].end = now();
   host_[f.op] += timings_[f.op].end - start;
-}
-
-std::span<float> Executor::floats(const CommOperand& o, InFlight& f) {
-  if (o.staging >= 0) return f.staging[static_cast<std::size_t>(o.staging)];
-  const auto b = arena_.bytes_at(o.range.offset, o.range.bytes);
-  return {reinterpret_cast<float*>(b.data()), b.size() / sizeof(float)};
 }
 
 void Executor::post(std::uint32_t index) {
   const Op& op = program_.ops[index];
   Communicator& c = *groups_[static_cast<std::size_t>(op.group)];
-  const CommLayout& L = layouts_[index];
-  InFlight f{index, {}, {}};
-  if (device_) {
-    f.handles = backend_.post_comm(index, L, c, arena_);
-    in_flight_.push_back(std::move(f));
-    return;
-  }
-  assert(L.dtype == DType::F32);
-  for (std::size_t s = 0; s < 2; ++s) {
-    f.staging[s].assign(static_cast<std::size_t>(L.staging_bytes[s]) / sizeof(float), 0.0f);
-    for (const StagingCopy& copy : L.fill[s])
-      std::memcpy(reinterpret_cast<std::byte*>(f.staging[s].data()) + copy.staging, arena_.bytes_at(copy.arena, copy.bytes).data(),
-                  static_cast<std::size_t>(copy.bytes));
-  }
-  const std::span<float> in = floats(L.in, f), out = floats(L.out, f);
-  using Call = CommLayout::Call;
-  switch (L.call) {
-    case Call::AllReduce: f.handles.push_back(c.start_all_reduce(out)); break;
-    case Call::AllReduceMax: f.handles.push_back(c.start_all_reduce_max(out)); break;
-    case Call::AllGather: f.handles.push_back(c.start_all_gather(in, out)); break;
-    case Call::ReduceScatter: f.handles.push_back(c.start_reduce_scatter(in, out)); break;
-    case Call::AllToAll: f.handles.push_back(c.start_all_to_all(in, out)); break;
-    case Call::Send: f.handles.push_back(c.start_send(in, L.to, L.tag)); break;
-    case Call::Recv: f.handles.push_back(c.start_recv(out, L.from, L.tag)); break;
-    case Call::RingExchange:
-      f.handles.push_back(c.start_recv(out, L.from, L.tag));
-      f.handles.push_back(c.start_send(in, L.to, L.tag));
-      break;
-  }
+  InFlight f{index, {}};
+  if (device_)
+    f.comm.handles = backend_.post_comm(index, layouts_[index], c, arena_);
+  else
+    f.comm = post_on_host(layouts_[index], c, arena_);
   in_flight_.push_back(std::move(f));
 }
 

@@ -92,13 +92,11 @@ class Executor {
  private:
   struct InFlight {
     std::uint32_t op;
-    std::vector<CommHandlePtr> handles;
-    std::array<std::vector<float>, 2> staging;  // host staging (comm_layout.hpp's kStagingIn/Out)
+    HostComm comm;  // a device backend's op: its handles only (the staging is the backend's)
   };
 
   std::vector<OpTiming> run_ops();
   void post(std::uint32_t index);
-  std::span<float> floats(const CommOperand& o, InFlight& f);
   void finish(InFlight& f);
   void wait_for(std::uint32_t op);
   void wait_overlapping(std::uint32_t index);

@@ -5,12 +5,16 @@
 // check exact step after step: Adam's sign-like first steps would otherwise amplify fp32 rounding
 // in near-zero gradients into trajectories that drift apart for no fault of either side.
 // Each world size runs the cases compiled for it; every element of the model must be owned by
-// exactly one rank.
+// exactly one rank. Each case runs twice: on the host path, and through the executor's device
+// backend path (post_comm / finish_comm) with host memory standing in for the device's.
 #include <gtest/gtest.h>
 #include <mpi.h>
 
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 #include <functional>
+#include <map>
 
 #include "engine/backends/cpu/adamw.hpp"
 #include "engine/backends/cpu/cpu_backend.hpp"
@@ -86,11 +90,49 @@ cpu::ReferenceLoss reference_step(const CompiledPlan& plan, const TokenSource& d
   return total;
 }
 
+// The executor's path for a device backend with communicators of its own (the CUDA backend over
+// NCCL): the arena from the backend's memory, comm ops posted and finished by the backend with
+// staging of its own, and no host wait where a later op needs a comm op's result (finish_comm's
+// wait here stands for the device's). The CPU kernels do the arithmetic.
+class HostAsDevice final : public ComputeBackend, public ArenaMemory {
+ public:
+  explicit HostAsDevice(cpu::CpuBackend& cpu) : cpu_(cpu) {}
+  void run(const Program& program, std::uint32_t index, TensorArena& arena) override { cpu_.run(program, index, arena); }
+  ArenaMemory* arena_memory() override { return this; }
+  std::byte* allocate(std::size_t bytes) override {
+    auto* p = static_cast<std::byte*>(std::aligned_alloc(256, (bytes + 255) / 256 * 256));
+    std::memset(p, 0, bytes);
+    return p;
+  }
+  void release(std::byte* p) override { std::free(p); }
+  void zero(std::span<std::byte> b) override { std::memset(b.data(), 0, b.size()); }
+  bool device_comm() const override { return true; }
+  std::vector<CommHandlePtr> post_comm(std::uint32_t index, const CommLayout& layout, Communicator& comm, TensorArena& arena) override {
+    HostComm posted = post_on_host(layout, comm, arena);
+    auto handles = std::move(posted.handles);
+    EXPECT_TRUE(in_flight_.emplace(index, std::move(posted)).second) << "op " << index << " posted twice";
+    return handles;
+  }
+  void finish_comm(std::uint32_t index, const CommLayout& layout, std::vector<CommHandlePtr> handles, TensorArena& arena) override {
+    const auto it = in_flight_.find(index);
+    ASSERT_NE(it, in_flight_.end()) << "op " << index << " finished but never posted";
+    for (auto& h : handles) h->wait();
+    drain_on_host(layout, it->second, arena);
+    in_flight_.erase(it);
+    ++finished;
+  }
+  void device_timings(std::span<OpTiming>) override { EXPECT_TRUE(in_flight_.empty()) << "comm ops left unfinished at the iteration's end"; }
+
+  int finished = 0;
+
+ private:
+  cpu::CpuBackend& cpu_;
+  std::map<std::uint32_t, HostComm> in_flight_;
+};
+
 class Equivalence : public ::testing::TestWithParam<Case> {};
 
-TEST_P(Equivalence, LossGradientsAndStepsMatchTheSingleRankModel) {
-  const Case& c = GetParam();
-  if (runtime->world_size() != c.world) GTEST_SKIP() << "runs with " << c.world << " ranks";
+void check_equivalence(const Case& c, bool device_path) {
   const int rank = runtime->world_rank();
   ModelSpec model = load_model_file(std::string(PX_DATASETS_DIR) + "/models/" + c.model + ".yaml");
   // No token is ever dropped (capacity = all tokens), so MoE routing cannot depend on how tokens
@@ -113,7 +155,8 @@ TEST_P(Equivalence, LossGradientsAndStepsMatchTheSingleRankModel) {
   options.adamw.lr = 1e-3;
   options.clip_grad = 1.0;
   cpu::CpuBackend backend(plan, rank, data, options);
-  Executor executor(plan, rank, backend, comms);
+  HostAsDevice device(backend);
+  Executor executor(plan, rank, device_path ? static_cast<ComputeBackend&>(device) : backend, comms);
   backend.initialize(executor.arena());
   const std::vector<LogicalParam> params = model_parameters(model, plan.padded_vocab);
   using Export = cpu::CpuBackend::Export;
@@ -164,6 +207,21 @@ TEST_P(Equivalence, LossGradientsAndStepsMatchTheSingleRankModel) {
       EXPECT_LE(err, kTolerance * std::max(1.0, max_abs(w))) << name << " after step " << step;
     }
   }
+  if (device_path) {
+    std::size_t comm_ops = 0;
+    for (const Op& op : plan.program_of(rank).ops) comm_ops += is_comm(op.kind);
+    EXPECT_EQ(device.finished, static_cast<int>(kSteps * comm_ops)) << "every comm op finished once per step";
+  }
+}
+
+TEST_P(Equivalence, LossGradientsAndStepsMatchTheSingleRankModel) {
+  if (runtime->world_size() != GetParam().world) GTEST_SKIP() << "runs with " << GetParam().world << " ranks";
+  check_equivalence(GetParam(), false);
+}
+
+TEST_P(Equivalence, SoDoTheyThroughTheDeviceBackendPath) {
+  if (runtime->world_size() != GetParam().world) GTEST_SKIP() << "runs with " << GetParam().world << " ranks";
+  check_equivalence(GetParam(), true);
 }
 
 void batch(PlanSpec& p, int micro, int global) {
