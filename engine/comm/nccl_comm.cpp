@@ -421,16 +421,22 @@ CommHandlePtr NcclCommunicator::start_all_gather(std::span<const float> in, std:
 // All-to-all as one group of a send and a receive per member: the form every NCCL version since
 // point-to-point (2.7) runs, and the one all_to_all_v needs anyway.
 CommHandlePtr NcclCommunicator::start_all_to_all(std::span<const float> in, std::span<float> out) {
-  assert(in.size() == out.size() && in.size() % static_cast<std::size_t>(size_) == 0);
-  const std::size_t block = in.size() / static_cast<std::size_t>(size_);
+  assert(in.size() == out.size());
+  return enqueue_all_to_all(in.data(), out.data(), in.size(), ncclFloat32, sizeof(float), "all_to_all");
+}
+
+CommHandlePtr NcclCommunicator::enqueue_all_to_all(const void* in, void* out, std::size_t count, ncclDataType_t type, std::size_t size_of,
+                                                   const char* what) {
+  assert(count % static_cast<std::size_t>(size_) == 0);
+  const std::size_t block = count / static_cast<std::size_t>(size_);
   std::vector<P2pCall> calls;
   if (block > 0)
     for (int j = 0; j < size_; ++j) {
-      const std::size_t at = static_cast<std::size_t>(j) * block;
-      calls.push_back({true, const_cast<float*>(in.data() + at), block, ncclFloat32, j});
-      calls.push_back({false, out.data() + at, block, ncclFloat32, j});
+      const std::size_t at = static_cast<std::size_t>(j) * block * size_of;
+      calls.push_back({true, const_cast<std::byte*>(static_cast<const std::byte*>(in) + at), block, type, j});
+      calls.push_back({false, static_cast<std::byte*>(out) + at, block, type, j});
     }
-  return issue("all_to_all", [&] { run_p2p_group(calls); });
+  return issue(what, [&] { run_p2p_group(calls); });
 }
 
 CommHandlePtr NcclCommunicator::start_all_to_all_v(std::span<const float> in, const std::vector<int>& send_counts,
@@ -485,6 +491,11 @@ CommHandlePtr NcclCommunicator::start_reduce_scatter_bf16(std::span<const bf16> 
 CommHandlePtr NcclCommunicator::start_all_gather_bf16(std::span<const bf16> in, std::span<bf16> out) {
   assert(out.size() == in.size() * static_cast<std::size_t>(size_));
   return enqueue_all_gather(in.data(), out.data(), in.size(), ncclBfloat16, "all_gather (bf16)");
+}
+
+CommHandlePtr NcclCommunicator::start_all_to_all_bf16(std::span<const bf16> in, std::span<bf16> out) {
+  assert(in.size() == out.size());
+  return enqueue_all_to_all(in.data(), out.data(), in.size(), ncclBfloat16, sizeof(bf16), "all_to_all (bf16)");
 }
 
 CommHandlePtr NcclCommunicator::start_send_bf16(std::span<const bf16> buf, int peer, int /*tag*/) {

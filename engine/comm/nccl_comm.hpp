@@ -102,6 +102,7 @@ class NcclCommunicator final : public Communicator {
   CommHandlePtr start_all_reduce_bf16(std::span<bf16> buf);
   CommHandlePtr start_reduce_scatter_bf16(std::span<const bf16> in, std::span<bf16> out);
   CommHandlePtr start_all_gather_bf16(std::span<const bf16> in, std::span<bf16> out);
+  CommHandlePtr start_all_to_all_bf16(std::span<const bf16> in, std::span<bf16> out);
   CommHandlePtr start_send_bf16(std::span<const bf16> buf, int peer, int tag = 0);
   CommHandlePtr start_recv_bf16(std::span<bf16> buf, int peer, int tag = 0);
 
@@ -150,6 +151,7 @@ class NcclCommunicator final : public Communicator {
   CommHandlePtr enqueue_all_reduce(void* buf, std::size_t count, ncclDataType_t type, ncclRedOp_t op, const char* what);
   CommHandlePtr enqueue_reduce_scatter(const void* in, void* out, std::size_t out_count, ncclDataType_t type, const char* what);
   CommHandlePtr enqueue_all_gather(const void* in, void* out, std::size_t in_count, ncclDataType_t type, const char* what);
+  CommHandlePtr enqueue_all_to_all(const void* in, void* out, std::size_t count, ncclDataType_t type, std::size_t size_of, const char* what);
 
   void ensure_usable(const std::string& what) const;
   std::shared_ptr<nccl_detail::Op> make_op(std::string what);

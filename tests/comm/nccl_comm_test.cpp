@@ -192,6 +192,15 @@ TEST(NcclComm, Bf16CollectivesAreExactOnSmallIntegers) {
     for (int r = 0; r < n; ++r)
       for (std::size_t i = 0; i < block; ++i) ASSERT_EQ(got[sz(r) * block + i], small(r, i));
   }
+  {  // all-to-all: block j of member r lands at block r on member j
+    DeviceBuffer<bf16> in(std::span<const bf16>(cuda::to_bf16(mine)));
+    DeviceBuffer<bf16> out(block * sz(n));
+    c->start_all_to_all_bf16(std::span<const bf16>(in.data(), in.size()), span(out))->wait();
+    const auto h = out.download();
+    const auto got = cuda::to_float(h);
+    for (int r = 0; r < n; ++r)
+      for (std::size_t i = 0; i < block; ++i) ASSERT_EQ(got[sz(r) * block + i], small(r, sz(me) * block + i));
+  }
 }
 
 // The collective reads what the compute stream wrote before the start, although that write lands

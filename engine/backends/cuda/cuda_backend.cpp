@@ -29,6 +29,9 @@
 #include "engine/backends/cuda/rope.hpp"
 #include "engine/backends/cuda/tensor_ops.hpp"
 #include "engine/core/error.hpp"
+#ifdef PX_HAVE_NCCL
+#include "engine/comm/nccl_comm.hpp"
+#endif
 
 namespace px::cuda {
 namespace {
@@ -95,6 +98,11 @@ struct CudaBackend::Impl {
   // Also what a constructor that throws half way leaves.
   ~Impl() {
     if (stream) (void)cudaStreamSynchronize(stream);
+    for (auto t : timing)
+      if (t) (void)cudaStreamDestroy(t);
+    for (auto& s : staging)
+      for (auto* p : s)
+        if (p) (void)cudaFree(p);
     for (auto e : start)
       if (e) (void)cudaEventDestroy(e);
     for (auto e : end)
@@ -108,6 +116,11 @@ struct CudaBackend::Impl {
   std::unique_ptr<GemmContext> gemm;
   std::vector<cudaEvent_t> start, end;  // per op
   std::vector<char> timed;              // ops with an end event this iteration (marks have none)
+  // Comm ops over NCCL: per op its staging while in flight and its finished handles until
+  // device_timings; per executor stream one idle stream that records each finished op's end.
+  std::vector<std::array<std::byte*, 2>> staging;
+  std::vector<std::vector<CommHandlePtr>> finished;
+  std::array<cudaStream_t, kNumStreams> timing{};
   // Per op, worked out once: its operands and its name (the NVTX range), not on every issue.
   std::vector<Operands> operands;
   std::vector<std::string> names;
@@ -161,6 +174,8 @@ CudaBackend::CudaBackend(const CompiledPlan& plan, int rank, const TokenSource& 
   im.start.assign(n, nullptr);
   im.end.assign(n, nullptr);
   im.timed.assign(n, 0);
+  im.staging.assign(n, {});
+  im.finished.resize(n);
   for (std::size_t i = 0; i < n; ++i) {
     PX_CUDA_CHECK(cudaEventCreate(&im.start[i]));
     PX_CUDA_CHECK(cudaEventCreate(&im.end[i]));
@@ -317,7 +332,12 @@ void CudaBackend::mark(std::uint32_t index) {
 
 void CudaBackend::device_timings(std::span<OpTiming> timings) {
   Impl& im = *impl_;
+  // The host waits for the comm ops first: their waits time out, a stream synchronize would not.
+  for (auto& handles : im.finished)
+    for (auto& h : handles) h->wait();
   PX_CUDA_CHECK(cudaStreamSynchronize(im.stream));
+  for (auto t : im.timing)
+    if (t) PX_CUDA_CHECK(cudaStreamSynchronize(t));
   // Op 0's start event ran at its host issue time (record_start).
   const double t0 = timings.empty() ? 0.0 : timings[0].start;
   for (std::size_t i = 0; i < timings.size(); ++i) {
@@ -327,6 +347,7 @@ void CudaBackend::device_timings(std::span<OpTiming> timings) {
     if (im.timed[i]) PX_CUDA_CHECK(cudaEventElapsedTime(&ms, im.start[0], im.end[i]));
     timings[i].end = t0 + 1e-3 * ms;
   }
+  for (auto& handles : im.finished) handles.clear();
   double sums[2] = {0, 0};
   PX_CUDA_CHECK(cudaMemcpy(&sums[0], im.loss_sum.data(), sizeof(double), cudaMemcpyDeviceToHost));
   PX_CUDA_CHECK(cudaMemcpy(&sums[1], im.norm_sq.data(), sizeof(double), cudaMemcpyDeviceToHost));
@@ -334,6 +355,121 @@ void CudaBackend::device_timings(std::span<OpTiming> timings) {
   if (plan_.plan.optimizer_offload) sums[1] = im.host_norm_sq.data()[0];
   grad_norm_ = std::sqrt(std::max(0.0, sums[1]));
 }
+
+#ifdef PX_HAVE_NCCL
+bool CudaBackend::device_comm() const { return true; }
+
+std::vector<CommHandlePtr> CudaBackend::post_comm(std::uint32_t index, const CommLayout& L, Communicator& comm, TensorArena& arena) {
+  auto* nc = dynamic_cast<NcclCommunicator*>(&comm);
+  if (!nc)
+    throw Error(ErrorKind::Usage, {}, fmt::format("group {} has no NCCL communicator", comm.name()),
+                "the CUDA engine communicates over NCCL (make_nccl_groups)");
+  if (L.dtype != DType::BF16 && L.dtype != DType::F32)
+    throw Error(ErrorKind::Usage, {}, fmt::format("op '{}' moves {} elements", impl_->names[index], to_string(L.dtype)),
+                "the CUDA engine's comm ops carry bf16 or fp32");
+  Impl& im = *impl_;
+  record_start(index);
+  nc->set_compute_stream(im.stream);
+  // Staging is filled on the compute stream, so the collective (which waits for that stream's
+  // work at its start) reads it complete.
+  auto& buf = im.staging[index];
+  for (std::size_t s = 0; s < 2; ++s) {
+    const auto bytes = static_cast<std::size_t>(L.staging_bytes[s]);
+    if (bytes == 0) continue;
+    PX_CUDA_CHECK(cudaMallocAsync(reinterpret_cast<void**>(&buf[s]), bytes, im.stream));
+    i64 filled = 0;
+    for (const StagingCopy& c : L.fill[s]) filled += c.bytes;
+    if (filled < L.staging_bytes[s]) PX_CUDA_CHECK(cudaMemsetAsync(buf[s], 0, bytes, im.stream));
+    for (const StagingCopy& c : L.fill[s])
+      PX_CUDA_CHECK(cudaMemcpyAsync(buf[s] + c.staging, arena.bytes_at(c.arena, c.bytes).data(), static_cast<std::size_t>(c.bytes),
+                                    cudaMemcpyDeviceToDevice, im.stream));
+  }
+  const auto bytes_of = [&](const CommOperand& o) -> std::span<std::byte> {
+    if (o.staging >= 0) return {buf[static_cast<std::size_t>(o.staging)], static_cast<std::size_t>(L.staging_bytes[static_cast<std::size_t>(o.staging)])};
+    return arena.bytes_at(o.range.offset, o.range.bytes);
+  };
+  const auto f32 = [&](const CommOperand& o) {
+    const auto b = bytes_of(o);
+    return std::span<float>(reinterpret_cast<float*>(b.data()), b.size() / sizeof(float));
+  };
+  const auto b16 = [&](const CommOperand& o) {
+    const auto b = bytes_of(o);
+    return std::span<bf16>(reinterpret_cast<bf16*>(b.data()), b.size() / sizeof(bf16));
+  };
+  const bool half = L.dtype == DType::BF16;
+  std::vector<CommHandlePtr> h;
+  using Call = CommLayout::Call;
+  switch (L.call) {
+    case Call::AllReduce:
+      h.push_back(half ? nc->start_all_reduce_bf16(b16(L.out)) : nc->start_all_reduce(f32(L.out)));
+      break;
+    case Call::AllReduceMax:
+      if (half) throw Error(ErrorKind::Usage, {}, fmt::format("op '{}' max-reduces bf16", im.names[index]), "max-reduce fp32 values");
+      h.push_back(nc->start_all_reduce_max(f32(L.out)));
+      break;
+    case Call::AllGather:
+      h.push_back(half ? nc->start_all_gather_bf16(b16(L.in), b16(L.out)) : nc->start_all_gather(f32(L.in), f32(L.out)));
+      break;
+    case Call::ReduceScatter:
+      h.push_back(half ? nc->start_reduce_scatter_bf16(b16(L.in), b16(L.out)) : nc->start_reduce_scatter(f32(L.in), f32(L.out)));
+      break;
+    case Call::AllToAll:
+      h.push_back(half ? nc->start_all_to_all_bf16(b16(L.in), b16(L.out)) : nc->start_all_to_all(f32(L.in), f32(L.out)));
+      break;
+    case Call::Send:
+      h.push_back(half ? nc->start_send_bf16(b16(L.in), L.to, L.tag) : nc->start_send(f32(L.in), L.to, L.tag));
+      break;
+    case Call::Recv:
+      h.push_back(half ? nc->start_recv_bf16(b16(L.out), L.from, L.tag) : nc->start_recv(f32(L.out), L.from, L.tag));
+      break;
+    case Call::RingExchange:  // NCCL gets the pair as one group (see nccl_comm.hpp)
+      h.push_back(half ? nc->start_recv_bf16(b16(L.out), L.from, L.tag) : nc->start_recv(f32(L.out), L.from, L.tag));
+      h.push_back(half ? nc->start_send_bf16(b16(L.in), L.to, L.tag) : nc->start_send(f32(L.in), L.to, L.tag));
+      break;
+  }
+  return h;
+}
+
+void CudaBackend::finish_comm(std::uint32_t index, const CommLayout& L, std::vector<CommHandlePtr> handles, TensorArena& arena) {
+  Impl& im = *impl_;
+  const auto stream_of = static_cast<std::size_t>(program_.ops[index].stream);
+  cudaStream_t& timing = im.timing[stream_of];
+  if (!timing) PX_CUDA_CHECK(cudaStreamCreateWithFlags(&timing, cudaStreamNonBlocking));
+  for (auto& h : handles) {
+    NcclCommunicator::wait_on(*h, im.stream);
+    NcclCommunicator::wait_on(*h, timing);
+  }
+  PX_CUDA_CHECK(cudaEventRecord(im.end[index], timing));
+  im.timed[index] = 1;
+  auto& buf = im.staging[index];
+  for (const StagingCopy& c : L.drain) {
+    std::byte* dst = arena.bytes_at(c.arena, c.bytes).data();
+    const std::byte* src = buf[kStagingOut] + c.staging;
+    if (!L.accumulate) {
+      PX_CUDA_CHECK(cudaMemcpyAsync(dst, src, static_cast<std::size_t>(c.bytes), cudaMemcpyDeviceToDevice, im.stream));
+    } else {
+      assert(L.dtype == DType::F32);  // an accumulated shard is a gradient's: fp32 here (the constructor's rule)
+      add(reinterpret_cast<const float*>(src), reinterpret_cast<float*>(dst), c.bytes / static_cast<i64>(sizeof(float)), im.stream);
+    }
+  }
+  for (auto*& p : buf)
+    if (p) {
+      PX_CUDA_CHECK(cudaFreeAsync(p, im.stream));
+      p = nullptr;
+    }
+  im.finished[index] = std::move(handles);
+}
+#else
+bool CudaBackend::device_comm() const { return false; }
+
+std::vector<CommHandlePtr> CudaBackend::post_comm(std::uint32_t index, const CommLayout& layout, Communicator& comm, TensorArena& arena) {
+  return ComputeBackend::post_comm(index, layout, comm, arena);
+}
+
+void CudaBackend::finish_comm(std::uint32_t index, const CommLayout& layout, std::vector<CommHandlePtr> handles, TensorArena& arena) {
+  ComputeBackend::finish_comm(index, layout, std::move(handles), arena);
+}
+#endif
 
 void CudaBackend::export_owned(TensorArena& arena, cpu::RankContext::Export what,
                                std::map<std::string, std::vector<double>>& out) const {

@@ -12,10 +12,16 @@
 // bf16 tensors. Cross-entropy keeps the bf16 logits in the first half of the plan's fp32 logits
 // buffer (its own ops alone read it) and sums the loss on the device.
 //
-// Runs one rank alone: a one-rank plan, or one rank of a larger one with stand-in communicators
-// (the executor's device mode moves no data for comm ops). Optimizer offload keeps the fp32
-// master weights and Adam moments in host memory and steps them there with the CPU's AdamW. Not
-// yet: multi-GPU execution over NCCL.
+// One rank of a plan: alone (a one-rank plan, or one rank of a larger one with stand-in
+// communicators, whose comm ops move no data), or with NCCL communicators, one GPU per rank
+// (engine/comm/nccl_comm.hpp; builds with NCCL only). Then each comm op is posted after the compute
+// stream's work so far, its staging (engine/exec/comm_layout.hpp) stream-ordered device memory
+// outside the planned arena, and the compute stream, not the host, waits for it where a later op
+// needs it; its time runs from the compute stream's post point to its end on a timing stream
+// per executor stream. device_timings waits for every comm op on the host first, against the
+// communicators' timeout, so a dead peer ends the iteration with CommTimeout rather than hanging
+// it. Optimizer offload keeps the fp32 master weights and Adam moments in host memory and steps
+// them there with the CPU's AdamW.
 #pragma once
 
 #include <cstdint>
@@ -48,6 +54,9 @@ class CudaBackend final : public TrainingBackend, public ArenaMemory {
   ArenaMemory* arena_memory() override { return this; }
   void mark(std::uint32_t index) override;
   void device_timings(std::span<OpTiming> timings) override;
+  bool device_comm() const override;
+  std::vector<CommHandlePtr> post_comm(std::uint32_t index, const CommLayout& layout, Communicator& comm, TensorArena& arena) override;
+  void finish_comm(std::uint32_t index, const CommLayout& layout, std::vector<CommHandlePtr> handles, TensorArena& arena) override;
 
   std::byte* allocate(std::size_t bytes) override;
   void release(std::byte* p) override;

@@ -73,6 +73,12 @@ __global__ void sum_add_kernel(const float* x, std::int64_t n, double* acc) {
   if (threadIdx.x == 0) *acc += part[0];
 }
 
+__global__ void add_kernel(const float* x, float* y, std::int64_t n) {
+  for (std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<std::int64_t>(gridDim.x) * blockDim.x)
+    y[i] += x[i];
+}
+
 __global__ void fill_kernel(float* x, std::int64_t n, float value) {
   for (std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<std::int64_t>(gridDim.x) * blockDim.x)
@@ -127,6 +133,12 @@ void column_sums_add(const bf16* x, std::int64_t rows, std::int64_t cols, float*
 
 void sum_add(const float* x, std::int64_t n, double* acc, cudaStream_t stream) {
   sum_add_kernel<<<1, kThreads, 0, stream>>>(x, n, acc);
+  PX_CUDA_CHECK_LAUNCH();
+}
+
+void add(const float* x, float* y, std::int64_t n, cudaStream_t stream) {
+  if (n <= 0) return;
+  add_kernel<<<blocks_for(n), kThreads, 0, stream>>>(x, y, n);
   PX_CUDA_CHECK_LAUNCH();
 }
 

@@ -1,7 +1,7 @@
 // The small device operations the CUDA backend needs between its kernels: dtype conversions
 // (bf16 <-> fp32 with one rounding, fp32 <-> double scalars), strided column copies and adds (the
-// key/value packing of the context-parallel ring), a bias and residual add, deterministic column
-// and total sums, and fills. Each is the CPU backend's loop of the same step, on the device.
+// key/value packing of the context-parallel ring), a bias and residual add, an fp32 add,
+// deterministic column and total sums, and fills. Each is the CPU backend's loop of the same step, on the device.
 //
 // Every pointer is device memory; calls are asynchronous on `stream`.
 #pragma once
@@ -37,6 +37,9 @@ void column_sums_add(const bf16* x, std::int64_t rows, std::int64_t cols, float*
 
 // *acc += sum of x[0..n) in double, in a fixed order (one block).
 void sum_add(const float* x, std::int64_t n, double* acc, cudaStream_t stream);
+
+// y[i] += x[i] over n elements (a staged reduce-scatter's shard added into the gradient it accumulates).
+void add(const float* x, float* y, std::int64_t n, cudaStream_t stream);
 
 // x[i] = value over n elements.
 void fill(float* x, std::int64_t n, float value, cudaStream_t stream);
