@@ -3,7 +3,7 @@
 // job's ranks leave after tp, pp and cp; the CPU engine trains in fp32. With --emulate-rank R one
 // process runs rank R of the plan alone, every comm op on a stand-in, and writes R's trace for
 // calibration (engine/train/emulate.hpp); that needs no MPI. --device cuda runs the compute in
-// bf16 on the GPU, for a one-rank plan (a real run) or one emulated rank.
+// bf16 on GPUs: under mpirun one GPU per rank over NCCL, alone a one-rank plan or one emulated rank.
 #include <fmt/format.h>
 
 #include <cstdio>
@@ -49,7 +49,7 @@ void register_train(CLI::App& app, Options& o) {
       ->check(CLI::Range(0.0, 0.99));
   c->add_option("--attention-dropout", t.attention_dropout, "Dropout on attention probabilities, instead of the model file's (the engine has none)")
       ->check(CLI::Range(0.0, 0.99));
-  c->add_option("--device", t.device, "Compute backend: cpu (fp32, any plan under mpirun) or cuda (bf16 on this GPU, one rank)")
+  c->add_option("--device", t.device, "Compute backend: cpu (fp32) or cuda (bf16, one GPU per rank over NCCL under mpirun)")
       ->check(CLI::IsMember(built_devices()));
 }
 
@@ -101,7 +101,8 @@ int emulate(const Options& o) {
   if (!o.train.emulate_rank && c.plan.world_size() > 1)
     throw Error(ErrorKind::Usage, {},
                 fmt::format("--device {} runs one rank, but the plan has {}", c.device, c.plan.world_size()),
-                "train a one-rank plan, or time one rank of this plan with --emulate-rank R");
+                fmt::format("launch it with mpirun -np {} (one GPU per rank), or time one rank of it with --emulate-rank R",
+                            c.plan.world_size()));
   const EmulationResult r = emulate_rank(c, o.train.emulate_rank.value_or(0), [&](const std::string& line) {
     if (o.json) return;
     std::printf("%s\n", line.c_str());
@@ -145,7 +146,9 @@ int emulate(const Options& o) {
 }  // namespace
 
 int train(const Options& o, int* argc, char*** argv) {
-  if (o.train.emulate_rank || o.train.device != "cpu") return emulate(o);
+  // A device run in one process is one rank alone (rank emulation, or a one-rank plan); under a
+  // launcher, every rank trains on its own device.
+  if (o.train.emulate_rank || (o.train.device != "cpu" && discover_launch().world_size == 1)) return emulate(o);
 #ifdef PX_HAVE_TRAIN
   // Everything that can be wrong with the input is found before MPI starts: the launcher's
   // variables say how many ranks the job has.
@@ -154,13 +157,15 @@ int train(const Options& o, int* argc, char*** argv) {
   TrainConfig c;
   c.model = model_of(o, cat);
   Options with = o;
-  if (with.plan.precision.empty()) with.plan.precision = "fp32";
+  if (with.plan.precision.empty()) with.plan.precision = o.train.device == "cpu" ? "fp32" : "bf16";
   if (!with.plan.dp && with.plan.plan_file.empty()) {
     const int model_parallel = with.plan.tp.value_or(1) * with.plan.pp.value_or(1) * with.plan.cp.value_or(1);
     if (launch.world_size % model_parallel == 0) with.plan.dp = launch.world_size / model_parallel;
   }
   c.plan = plan_from_flags(with, c.model);
-  if (c.plan.precision != DType::F32) throw Error(ErrorKind::Usage, {}, "the CPU engine trains in fp32", "pass --precision fp32");
+  c.device = o.train.device;
+  if (c.device == "cpu" && c.plan.precision != DType::F32)
+    throw Error(ErrorKind::Usage, {}, "the CPU engine trains in fp32", "pass --precision fp32");
   if (c.plan.world_size() != launch.world_size)
     throw Error(ErrorKind::Usage, {},
                 fmt::format("the plan needs {} ranks but the job has {}", c.plan.world_size(), launch.world_size),
@@ -199,7 +204,8 @@ int train(const Options& o, int* argc, char*** argv) {
   (void)argc;
   (void)argv;
   (void)o;
-  throw Error(ErrorKind::Usage, {}, "this build has no MPI, so no CPU training", "install Open MPI (./setup.sh) and rebuild");
+  throw Error(ErrorKind::Usage, {}, "this build has no MPI, so no training under a launcher (CPU ranks, or one GPU per rank)",
+              "install Open MPI (./setup.sh) and rebuild; one process alone runs a one-rank plan or --emulate-rank with --device cuda");
 #endif
 }
 

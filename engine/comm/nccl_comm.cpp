@@ -378,7 +378,7 @@ CommHandlePtr NcclCommunicator::defer(std::string what, P2pCall call) {
   return std::make_unique<NcclHandle>(*this, std::move(op));
 }
 
-void NcclCommunicator::wait_on(CommHandle& h, cudaStream_t stream) {
+void NcclCommunicator::wait_on(CommHandle& h, cudaStream_t stream) {  // NOLINT(readability-convert-member-functions-to-static)
   auto* nh = dynamic_cast<NcclHandle*>(&h);
   if (!nh) throw std::invalid_argument("NcclCommunicator::wait_on: the handle does not come from an NcclCommunicator");
   nh->wait_on(stream);

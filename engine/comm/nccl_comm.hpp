@@ -34,7 +34,7 @@
 #include <string>
 #include <vector>
 
-#include "engine/comm/communicator.hpp"
+#include "engine/comm/device_communicator.hpp"
 #include "engine/comm/mpi_comm.hpp"
 #include "engine/plan/topology.hpp"
 
@@ -70,9 +70,8 @@ class NcclHandle final : public CommHandle {
   std::shared_ptr<nccl_detail::Op> op_;
 };
 
-class NcclCommunicator final : public Communicator {
+class NcclCommunicator final : public DeviceCommunicator {
  public:
-  using bf16 = __nv_bfloat16;
 
   // Collective over `host`'s members (an MPI group communicator): same ranks, size and name, and
   // host's timeout as this one's. The calling process's current CUDA device is this member's.
@@ -98,21 +97,20 @@ class NcclCommunicator final : public Communicator {
   CommHandlePtr start_recv(std::span<float> buf, int peer, int tag = 0) override;
   CommHandlePtr start_barrier() override;
 
-  // bf16 traffic (activations, bf16 gradients): sums in NCCL's bf16 arithmetic.
-  CommHandlePtr start_all_reduce_bf16(std::span<bf16> buf);
-  CommHandlePtr start_reduce_scatter_bf16(std::span<const bf16> in, std::span<bf16> out);
-  CommHandlePtr start_all_gather_bf16(std::span<const bf16> in, std::span<bf16> out);
-  CommHandlePtr start_all_to_all_bf16(std::span<const bf16> in, std::span<bf16> out);
-  CommHandlePtr start_send_bf16(std::span<const bf16> buf, int peer, int tag = 0);
-  CommHandlePtr start_recv_bf16(std::span<bf16> buf, int peer, int tag = 0);
+  // bf16 sums in NCCL's bf16 arithmetic.
+  CommHandlePtr start_all_reduce_bf16(std::span<bf16> buf) override;
+  CommHandlePtr start_reduce_scatter_bf16(std::span<const bf16> in, std::span<bf16> out) override;
+  CommHandlePtr start_all_gather_bf16(std::span<const bf16> in, std::span<bf16> out) override;
+  CommHandlePtr start_all_to_all_bf16(std::span<const bf16> in, std::span<bf16> out) override;
+  CommHandlePtr start_send_bf16(std::span<const bf16> buf, int peer, int tag = 0) override;
+  CommHandlePtr start_recv_bf16(std::span<bf16> buf, int peer, int tag = 0) override;
 
-  // The stream whose work issued so far every later start_* waits for (the producer of the data
-  // sent or reduced). Null: the legacy default stream.
-  void set_compute_stream(cudaStream_t s) { compute_ = s; }
+  // Null (the default): the legacy default stream.
+  void set_compute_stream(cudaStream_t s) override { compute_ = s; }
   cudaStream_t compute_stream() const { return compute_; }
   cudaStream_t comm_stream() const { return stream_; }
-  // Makes `stream` wait on the device for `h`, a handle from an NcclCommunicator.
-  static void wait_on(CommHandle& h, cudaStream_t stream);
+  // `h` must be an NcclHandle (std::invalid_argument otherwise).
+  void wait_on(CommHandle& h, cudaStream_t stream) override;
 
   // Issues the deferred sends and receives now (as one NCCL group).
   void flush();

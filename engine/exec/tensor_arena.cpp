@@ -37,6 +37,22 @@ void TensorArena::zero(std::uint32_t tensor) {
     std::memset(b.data(), 0, b.size());
 }
 
+void TensorArena::read(std::uint32_t tensor, std::byte* host) {
+  const auto b = bytes(tensor);
+  if (memory_)
+    memory_->download(b, host);
+  else
+    std::memcpy(host, b.data(), b.size());
+}
+
+void TensorArena::write(std::uint32_t tensor, const std::byte* host) {
+  const auto b = bytes(tensor);
+  if (memory_)
+    memory_->upload(host, b);
+  else
+    std::memcpy(b.data(), host, b.size());
+}
+
 std::span<std::byte> TensorArena::bytes_at(std::int64_t offset, std::int64_t bytes) {
   return {base_.get() + offset, static_cast<std::size_t>(bytes)};
 }

@@ -19,6 +19,9 @@ class ArenaMemory {
   virtual std::byte* allocate(std::size_t bytes) = 0;  // zero-filled, 256-byte aligned
   virtual void release(std::byte* p) = 0;
   virtual void zero(std::span<std::byte> bytes) = 0;    // in order with the device's work
+  // Copies to and from host memory (checkpoints), after the device's work so far; done on return.
+  virtual void download(std::span<const std::byte> from, std::byte* to) = 0;
+  virtual void upload(const std::byte* from, std::span<std::byte> to) = 0;
 };
 
 class TensorArena {
@@ -33,6 +36,9 @@ class TensorArena {
   // Arena bytes [offset, offset + bytes), e.g. a comm op's operand (engine/exec/comm_layout.hpp).
   std::span<std::byte> bytes_at(std::int64_t offset, std::int64_t bytes);
   void zero(std::uint32_t tensor);
+  // The tensor's bytes to or from host memory, wherever the arena lives.
+  void read(std::uint32_t tensor, std::byte* host);
+  void write(std::uint32_t tensor, const std::byte* host);
   bool on_device() const { return memory_ != nullptr; }
   std::int64_t offset(std::uint32_t tensor) const { return plan_.offsets[tensor]; }
   std::int64_t size_bytes() const { return plan_.arena_bytes; }

@@ -5,6 +5,9 @@
 #pragma once
 
 #include <cstdint>
+#include <span>
+#include <string>
+#include <vector>
 
 #include "engine/exec/executor.hpp"
 
@@ -29,6 +32,9 @@ class TrainingBackend : public ComputeBackend {
   virtual bool reports_loss() const = 0;
   // What the op times were measured on: "cpu", or the device's name.
   virtual std::string device_name() const = 0;
+  // Optimizer state an offloading plan keeps in host memory (master weights, then Adam moments),
+  // checkpointed with the arena's tensors; empty without offload.
+  virtual std::vector<std::span<float>> offloaded_state() = 0;
 };
 
 }  // namespace px

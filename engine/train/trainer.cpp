@@ -21,8 +21,12 @@
 #include "engine/exec/token_data.hpp"
 #include "engine/plan/compiler.hpp"
 #include "engine/plan/plan_summary.hpp"
+#include "engine/train/backend_factory.hpp"
 #include "engine/spec/model_math.hpp"
 #include "engine/trace/chrome_trace.hpp"
+#ifdef PX_HAVE_NCCL
+#include "engine/comm/nccl_comm.hpp"
+#endif
 #include "results/provenance.hpp"
 #include "results/results_db.hpp"
 
@@ -60,42 +64,43 @@ struct Shard {
   static constexpr const char* kMagic = "parallax-checkpoint 1";
 
   static std::string encode(const std::string& print, int rank, int iteration, const Program& prog, TensorArena& arena,
-                            cpu::CpuBackend& backend) {
+                            TrainingBackend& backend) {
     std::string out = fmt::format("{} {} {} {}\n", kMagic, print, rank, iteration);
     for (std::uint32_t t = 0; t < prog.tensors.size(); ++t) {
       const TensorClass c = prog.tensors[t].cls;
       if (c != TensorClass::Weight && c != TensorClass::Optimizer) continue;
-      const auto b = arena.bytes(t);
-      out.append(reinterpret_cast<const char*>(b.data()), b.size());
+      const std::size_t at = out.size();
+      out.resize(at + arena.bytes(t).size());
+      arena.read(t, reinterpret_cast<std::byte*>(out.data() + at));
     }
-    for (const auto* v : {&backend.host_weights(), &backend.host_state()})
-      if (!v->empty()) out.append(reinterpret_cast<const char*>(v->data()), v->size() * sizeof(float));
+    for (const std::span<float> v : backend.offloaded_state()) out.append(reinterpret_cast<const char*>(v.data()), v.size_bytes());
     return out;
   }
 
   static void decode(const fs::path& file, const std::string& bytes, const std::string& print, int rank, int iteration,
-                     const Program& prog, TensorArena& arena, cpu::CpuBackend& backend) {
+                     const Program& prog, TensorArena& arena, TrainingBackend& backend) {
     const auto nl = bytes.find('\n');
     const std::string want = fmt::format("{} {} {} {}", kMagic, print, rank, iteration);
     if (nl == std::string::npos || bytes.compare(0, nl, want) != 0)
       throw Error(ErrorKind::Spec, {file.string(), 1}, "the checkpoint was written by another model, plan, seed or rank",
                   "resume with the configuration that wrote it, or start a new run directory");
     std::size_t at = nl + 1;
-    auto take = [&](std::byte* dst, std::size_t n) {
-      if (n == 0) return;
+    auto take = [&](std::size_t n) {
       if (at + n > bytes.size())
         throw Error(ErrorKind::Parse, {file.string(), 0, 0, static_cast<std::int64_t>(bytes.size())}, "the checkpoint is truncated",
                     "the shard is damaged; resume from an earlier checkpoint");
-      std::memcpy(dst, bytes.data() + at, n);
+      const auto* p = reinterpret_cast<const std::byte*>(bytes.data() + at);
       at += n;
+      return p;
     };
     for (std::uint32_t t = 0; t < prog.tensors.size(); ++t) {
       const TensorClass c = prog.tensors[t].cls;
       if (c != TensorClass::Weight && c != TensorClass::Optimizer) continue;
-      const auto b = arena.bytes(t);
-      take(b.data(), b.size());
+      const std::size_t n = arena.bytes(t).size();
+      if (n > 0) arena.write(t, take(n));
     }
-    for (auto* v : {&backend.host_weights(), &backend.host_state()}) take(reinterpret_cast<std::byte*>(v->data()), v->size() * sizeof(float));
+    for (const std::span<float> v : backend.offloaded_state())
+      if (!v.empty()) std::memcpy(v.data(), take(v.size_bytes()), v.size_bytes());
     if (at != bytes.size())
       throw Error(ErrorKind::Parse, {file.string(), 0, 0, static_cast<std::int64_t>(at)}, "the checkpoint has trailing bytes",
                   "the shard does not belong to this plan");
@@ -120,7 +125,7 @@ void maybe_inject_fault(int rank, int iteration) {
 }  // namespace
 
 TrainResult train(const TrainConfig& c, const MpiRuntime& mpi, const std::function<void(const std::string&)>& log) {
-  if (c.plan.precision != DType::F32 || c.plan.grad_dtype != DType::F32)
+  if (c.device == "cpu" && (c.plan.precision != DType::F32 || c.plan.grad_dtype != DType::F32))
     throw Error(ErrorKind::Usage, {}, "the CPU engine trains in fp32", "pass --precision fp32");
   const CompiledPlan plan = compile_plan(c.model, c.plan);
   if (plan.topology.world_size() != mpi.world_size())
@@ -140,7 +145,30 @@ TrainResult train(const TrainConfig& c, const MpiRuntime& mpi, const std::functi
     if (comms[static_cast<std::size_t>(g)]) comms[static_cast<std::size_t>(g)]->set_timeout(c.comm_timeout);
   }
   world->set_timeout(c.comm_timeout);
-  cpu::CpuBackend backend(plan, rank, *data, c.options);
+  // A GPU rank: the node's local rank picks the device, and the groups' NCCL communicators (their
+  // ids over the MPI groups, which keep serving the host's own exchanges) carry the comm ops.
+#ifdef PX_HAVE_NCCL
+  NcclGroups nccl;
+  if (c.device == "cuda") {
+    MPI_Comm node = MPI_COMM_NULL;
+    int local_rank = 0;
+    MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, rank, MPI_INFO_NULL, &node);
+    MPI_Comm_rank(node, &local_rank);
+    MPI_Comm_free(&node);
+    select_local_device(local_rank);
+    if (mpi.world_size() > 1) {
+      nccl = make_nccl_groups(plan.topology, rank, groups);
+      for (int g = 1; g < kNumGroupKinds; ++g)
+        if (nccl.group[static_cast<std::size_t>(g)]) comms[static_cast<std::size_t>(g)] = nccl.group[static_cast<std::size_t>(g)].get();
+    }
+  }
+#else
+  if (c.device != "cpu" && mpi.world_size() > 1)
+    throw Error(ErrorKind::Usage, {}, fmt::format("this build has no NCCL, so --device {} runs one rank only", c.device),
+                "build where NCCL is found (/usr/local/cuda), or train on the CPU");
+#endif
+  const std::unique_ptr<TrainingBackend> backend_owner = make_backend(c.device, plan, rank, *data, c.options);
+  TrainingBackend& backend = *backend_owner;
   Executor executor(plan, rank, backend, comms);
   backend.initialize(executor.arena());
   fs::create_directories(c.out_dir);
@@ -173,7 +201,8 @@ TrainResult train(const TrainConfig& c, const MpiRuntime& mpi, const std::functi
       r.kind = RunKind::Measured;
       r.status = RunStatus::Running;
       r.model = c.model.name;
-      r.cluster = fmt::format("cpu-{}-ranks", mpi.world_size());
+      r.cluster = c.device == "cpu" ? fmt::format("cpu-{}-ranks", mpi.world_size())
+                                    : fmt::format("{} x{}", backend.device_name(), mpi.world_size());
       r.plan_json = plan_to_json(c.plan).dump();
       r.software_json = software_provenance_json();
       r.hardware_json = hardware_provenance_json();
@@ -191,7 +220,7 @@ TrainResult train(const TrainConfig& c, const MpiRuntime& mpi, const std::functi
     }
   };
 
-  ChromeTrace trace(plan, {rank, "mpi", "cpu", false});
+  ChromeTrace trace(plan, {rank, c.device == "cpu" ? "mpi" : "nccl", backend.device_name(), false});
   TrainResult result;
   std::vector<double> seconds;
   std::vector<OpTiming> last_timings;

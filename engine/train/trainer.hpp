@@ -1,5 +1,6 @@
-// Training on CPU ranks: one process per rank under mpirun (or alone), each executing its role's
-// op program on the CPU backend over MPI communicators. Logs the loss, checkpoints (each rank its
+// Training under mpirun (or alone): one process per rank, each executing its role's op program on
+// config.device's backend: the CPU's over MPI communicators, or CUDA's (one GPU per rank, chosen by
+// the rank's place on its node) over NCCL communicators. Logs the loss, checkpoints (each rank its
 // shard, then a commit marker by rename) and resumes bit-exactly, writes Kineto-style traces, and
 // records the run in the results database — as failed, with the root cause, when a rank dies.
 #pragma once

@@ -227,7 +227,7 @@ TEST(NcclComm, CollectivesFollowAndFeedTheComputeStream) {
 
   float* pinned = nullptr;
   PX_CUDA_CHECK(cudaMallocHost(reinterpret_cast<void**>(&pinned), count * sizeof(float)));
-  NcclCommunicator::wait_on(*h, compute);
+  c->wait_on(*h, compute);
   PX_CUDA_CHECK(cudaMemcpyAsync(pinned, buf.data(), buf.bytes(), cudaMemcpyDeviceToHost, compute));
   PX_CUDA_CHECK(cudaStreamSynchronize(compute));
   const float expect = static_cast<float>(n * (n + 1) / 2);

@@ -106,6 +106,8 @@ class HostAsDevice final : public ComputeBackend, public ArenaMemory {
   }
   void release(std::byte* p) override { std::free(p); }
   void zero(std::span<std::byte> b) override { std::memset(b.data(), 0, b.size()); }
+  void download(std::span<const std::byte> from, std::byte* to) override { std::memcpy(to, from.data(), from.size()); }
+  void upload(const std::byte* from, std::span<std::byte> to) override { std::memcpy(to.data(), from, to.size()); }
   bool device_comm() const override { return true; }
   std::vector<CommHandlePtr> post_comm(std::uint32_t index, const CommLayout& layout, Communicator& comm, TensorArena& arena) override {
     HostComm posted = post_on_host(layout, comm, arena);

@@ -36,6 +36,8 @@ class FakeDevice final : public ComputeBackend, public ArenaMemory {
     ++zeroes;
     std::memset(b.data(), 0, b.size());
   }
+  void download(std::span<const std::byte> from, std::byte* to) override { std::memcpy(to, from.data(), from.size()); }
+  void upload(const std::byte* from, std::span<std::byte> to) override { std::memcpy(to.data(), from, to.size()); }
   ArenaMemory* arena_memory() override { return this; }
   void run(const Program& program, std::uint32_t index, TensorArena&) override {
     EXPECT_FALSE(is_comm(program.ops[index].kind));

@@ -48,9 +48,7 @@ class CpuBackend final : public TrainingBackend {
   using Export = RankContext::Export;
   void export_owned(TensorArena& arena, Export what, std::map<std::string, std::vector<double>>& out) const;
 
-  // The offloaded optimizer's host memory (empty without offload), for checkpoints.
-  std::vector<float>& host_state() { return host_state_; }
-  std::vector<float>& host_weights() { return host_weights_; }
+  std::vector<std::span<float>> offloaded_state() override { return {host_weights_, host_state_}; }
 
  private:
   using OwnedRange = RankContext::Range;

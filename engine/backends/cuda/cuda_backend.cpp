@@ -29,9 +29,7 @@
 #include "engine/backends/cuda/rope.hpp"
 #include "engine/backends/cuda/tensor_ops.hpp"
 #include "engine/core/error.hpp"
-#ifdef PX_HAVE_NCCL
-#include "engine/comm/nccl_comm.hpp"
-#endif
+#include "engine/comm/device_communicator.hpp"
 
 namespace px::cuda {
 namespace {
@@ -119,6 +117,7 @@ struct CudaBackend::Impl {
   // Comm ops over NCCL: per op its staging while in flight and its finished handles until
   // device_timings; per executor stream one idle stream that records each finished op's end.
   std::vector<std::array<std::byte*, 2>> staging;
+  std::vector<DeviceCommunicator*> comm_of;
   std::vector<std::vector<CommHandlePtr>> finished;
   std::array<cudaStream_t, kNumStreams> timing{};
   // Per op, worked out once: its operands and its name (the NVTX range), not on every issue.
@@ -175,6 +174,7 @@ CudaBackend::CudaBackend(const CompiledPlan& plan, int rank, const TokenSource& 
   im.end.assign(n, nullptr);
   im.timed.assign(n, 0);
   im.staging.assign(n, {});
+  im.comm_of.assign(n, nullptr);
   im.finished.resize(n);
   for (std::size_t i = 0; i < n; ++i) {
     PX_CUDA_CHECK(cudaEventCreate(&im.start[i]));
@@ -211,6 +211,8 @@ std::string CudaBackend::device_name() const {
   return prop.name;
 }
 
+std::vector<std::span<float>> CudaBackend::offloaded_state() { return {impl_->host_weights, impl_->host_state}; }
+
 std::byte* CudaBackend::allocate(std::size_t bytes) {
   void* p = nullptr;
   PX_CUDA_CHECK(cudaMalloc(&p, bytes));  // 256-byte aligned
@@ -225,6 +227,16 @@ void CudaBackend::release(std::byte* p) {
 
 void CudaBackend::zero(std::span<std::byte> bytes) {
   if (!bytes.empty()) PX_CUDA_CHECK(cudaMemsetAsync(bytes.data(), 0, bytes.size(), impl_->stream));
+}
+
+void CudaBackend::download(std::span<const std::byte> from, std::byte* to) {
+  PX_CUDA_CHECK(cudaStreamSynchronize(impl_->stream));
+  if (!from.empty()) PX_CUDA_CHECK(cudaMemcpy(to, from.data(), from.size(), cudaMemcpyDeviceToHost));
+}
+
+void CudaBackend::upload(const std::byte* from, std::span<std::byte> to) {
+  PX_CUDA_CHECK(cudaStreamSynchronize(impl_->stream));
+  if (!to.empty()) PX_CUDA_CHECK(cudaMemcpy(to.data(), from, to.size(), cudaMemcpyHostToDevice));
 }
 
 void CudaBackend::initialize(TensorArena& arena) {
@@ -356,20 +368,20 @@ void CudaBackend::device_timings(std::span<OpTiming> timings) {
   grad_norm_ = std::sqrt(std::max(0.0, sums[1]));
 }
 
-#ifdef PX_HAVE_NCCL
 bool CudaBackend::device_comm() const { return true; }
 
 std::vector<CommHandlePtr> CudaBackend::post_comm(std::uint32_t index, const CommLayout& L, Communicator& comm, TensorArena& arena) {
-  auto* nc = dynamic_cast<NcclCommunicator*>(&comm);
+  auto* nc = dynamic_cast<DeviceCommunicator*>(&comm);
   if (!nc)
-    throw Error(ErrorKind::Usage, {}, fmt::format("group {} has no NCCL communicator", comm.name()),
-                "the CUDA engine communicates over NCCL (make_nccl_groups)");
+    throw Error(ErrorKind::Usage, {}, fmt::format("group {} has no communicator over device buffers", comm.name()),
+                "the CUDA engine's ranks communicate over NCCL (make_nccl_groups in engine/comm/nccl_comm.hpp)");
   if (L.dtype != DType::BF16 && L.dtype != DType::F32)
     throw Error(ErrorKind::Usage, {}, fmt::format("op '{}' moves {} elements", impl_->names[index], to_string(L.dtype)),
                 "the CUDA engine's comm ops carry bf16 or fp32");
   Impl& im = *impl_;
   record_start(index);
   nc->set_compute_stream(im.stream);
+  im.comm_of[index] = nc;
   // Staging is filled on the compute stream, so the collective (which waits for that stream's
   // work at its start) reads it complete.
   auto& buf = im.staging[index];
@@ -435,9 +447,10 @@ void CudaBackend::finish_comm(std::uint32_t index, const CommLayout& L, std::vec
   const auto stream_of = static_cast<std::size_t>(program_.ops[index].stream);
   cudaStream_t& timing = im.timing[stream_of];
   if (!timing) PX_CUDA_CHECK(cudaStreamCreateWithFlags(&timing, cudaStreamNonBlocking));
+  DeviceCommunicator& nc = *im.comm_of[index];
   for (auto& h : handles) {
-    NcclCommunicator::wait_on(*h, im.stream);
-    NcclCommunicator::wait_on(*h, timing);
+    nc.wait_on(*h, im.stream);
+    nc.wait_on(*h, timing);
   }
   PX_CUDA_CHECK(cudaEventRecord(im.end[index], timing));
   im.timed[index] = 1;
@@ -459,17 +472,6 @@ void CudaBackend::finish_comm(std::uint32_t index, const CommLayout& L, std::vec
     }
   im.finished[index] = std::move(handles);
 }
-#else
-bool CudaBackend::device_comm() const { return false; }
-
-std::vector<CommHandlePtr> CudaBackend::post_comm(std::uint32_t index, const CommLayout& layout, Communicator& comm, TensorArena& arena) {
-  return ComputeBackend::post_comm(index, layout, comm, arena);
-}
-
-void CudaBackend::finish_comm(std::uint32_t index, const CommLayout& layout, std::vector<CommHandlePtr> handles, TensorArena& arena) {
-  ComputeBackend::finish_comm(index, layout, std::move(handles), arena);
-}
-#endif
 
 void CudaBackend::export_owned(TensorArena& arena, cpu::RankContext::Export what,
                                std::map<std::string, std::vector<double>>& out) const {

@@ -13,8 +13,8 @@
 // buffer (its own ops alone read it) and sums the loss on the device.
 //
 // One rank of a plan: alone (a one-rank plan, or one rank of a larger one with stand-in
-// communicators, whose comm ops move no data), or with NCCL communicators, one GPU per rank
-// (engine/comm/nccl_comm.hpp; builds with NCCL only). Then each comm op is posted after the compute
+// communicators, whose comm ops move no data), or one GPU per rank with communicators over device
+// buffers (engine/comm/device_communicator.hpp: NCCL's, nccl_comm.hpp). Then each comm op is posted after the compute
 // stream's work so far, its staging (engine/exec/comm_layout.hpp) stream-ordered device memory
 // outside the planned arena, and the compute stream, not the host, waits for it where a later op
 // needs it; its time runs from the compute stream's post point to its end on a timing stream
@@ -50,6 +50,7 @@ class CudaBackend final : public TrainingBackend, public ArenaMemory {
   double grad_norm() const override { return grad_norm_; }
   bool reports_loss() const override { return ctx_.reports_loss(); }
   std::string device_name() const override;
+  std::vector<std::span<float>> offloaded_state() override;
 
   ArenaMemory* arena_memory() override { return this; }
   void mark(std::uint32_t index) override;
@@ -61,6 +62,8 @@ class CudaBackend final : public TrainingBackend, public ArenaMemory {
   std::byte* allocate(std::size_t bytes) override;
   void release(std::byte* p) override;
   void zero(std::span<std::byte> bytes) override;
+  void download(std::span<const std::byte> from, std::byte* to) override;
+  void upload(const std::byte* from, std::span<std::byte> to) override;
 
   // The rank's weights (bf16 working copies, widened) or fp32 gradients at their global indices,
   // as CpuBackend::export_owned writes them: for checking a device run against the CPU's.
