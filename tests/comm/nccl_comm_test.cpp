@@ -5,7 +5,6 @@
 // Without a GPU, or with fewer GPUs than ranks on a machine, every test skips.
 #include <gtest/gtest.h>
 
-#include <fmt/format.h>
 
 #include <atomic>
 #include <chrono>
@@ -14,6 +13,7 @@
 #include "engine/backends/cuda/device_buffer.hpp"
 #include "engine/comm/launch.hpp"
 #include "engine/comm/nccl_comm.hpp"
+#include "tests/comm/device_per_rank.hpp"
 #include "tests/cuda/gpu_test.hpp"
 
 namespace px {
@@ -29,28 +29,6 @@ float value(int r, std::size_t i) { return static_cast<float>(r * 1000 + static_
 
 std::size_t sz(int n) { return static_cast<std::size_t>(n); }
 
-// NCCL refuses two members of a communicator on one device. The decision is the same on every rank
-// (a maximum over the world), so no rank goes on to a collective the others skipped.
-std::string short_of_devices() {
-  auto world = runtime->world();
-  // The most ranks on one machine (local ranks count from 0 on each), then whether any rank has
-  // fewer devices than that.
-  std::vector<float> ranks_here{static_cast<float>(discover_launch().local_rank + 1)};
-  world->start_all_reduce_max(ranks_here)->wait();
-  const int devices = cuda::device_count();
-  std::vector<float> short_flag{ranks_here[0] > static_cast<float>(devices) ? 1.0f : 0.0f};
-  world->start_all_reduce_max(short_flag)->wait();
-  if (short_flag[0] == 0) return {};
-  return fmt::format("{} ranks share a machine that has {} CUDA device(s); NCCL needs one device per rank",
-                     static_cast<int>(ranks_here[0]), devices);
-}
-
-#define PX_REQUIRE_DEVICE_PER_RANK()                     \
-  do {                                                   \
-    const std::string px_why = short_of_devices();       \
-    if (!px_why.empty()) GTEST_SKIP() << px_why;         \
-  } while (0)
-
 std::unique_ptr<NcclCommunicator> nccl_world() {
   auto host = runtime->world();
   return NcclCommunicator::create(*host);
@@ -62,7 +40,7 @@ std::span<bf16> span(DeviceBuffer<bf16>& d) { return {d.data(), d.size()}; }
 
 TEST(NcclComm, EveryCollectiveOnTheWorld) {
   PX_REQUIRE_GPU();
-  PX_REQUIRE_DEVICE_PER_RANK();
+  PX_REQUIRE_DEVICE_PER_RANK(*runtime->world());
   auto c = nccl_world();
   const int n = c->size(), me = c->rank();
   EXPECT_EQ(n, runtime->world_size());
@@ -151,7 +129,7 @@ TEST(NcclComm, EveryCollectiveOnTheWorld) {
 
 TEST(NcclComm, Bf16CollectivesAreExactOnSmallIntegers) {
   PX_REQUIRE_GPU();
-  PX_REQUIRE_DEVICE_PER_RANK();
+  PX_REQUIRE_DEVICE_PER_RANK(*runtime->world());
   auto c = nccl_world();
   const int n = c->size(), me = c->rank();
   const std::size_t block = 256;
@@ -207,7 +185,7 @@ TEST(NcclComm, Bf16CollectivesAreExactOnSmallIntegers) {
 // late; and the compute stream consumes the result with no host wait in between.
 TEST(NcclComm, CollectivesFollowAndFeedTheComputeStream) {
   PX_REQUIRE_GPU();
-  PX_REQUIRE_DEVICE_PER_RANK();
+  PX_REQUIRE_DEVICE_PER_RANK(*runtime->world());
   auto c = nccl_world();
   const int n = c->size(), me = c->rank();
   const std::size_t count = 1 << 16;
@@ -242,7 +220,7 @@ TEST(NcclComm, CollectivesFollowAndFeedTheComputeStream) {
 
 TEST(NcclComm, SeveralInFlightFinishInAnyOrder) {
   PX_REQUIRE_GPU();
-  PX_REQUIRE_DEVICE_PER_RANK();
+  PX_REQUIRE_DEVICE_PER_RANK(*runtime->world());
   auto c = nccl_world();
   const int n = c->size(), me = c->rank();
   auto a = on_device(std::vector<float>(64, static_cast<float>(me)));
@@ -270,7 +248,7 @@ TEST(NcclComm, SeveralInFlightFinishInAnyOrder) {
 // send or receive dropped before it was issued is withdrawn and matches nothing.
 TEST(NcclComm, MessagesBetweenAPairMatchInPostingOrder) {
   PX_REQUIRE_GPU();
-  PX_REQUIRE_DEVICE_PER_RANK();
+  PX_REQUIRE_DEVICE_PER_RANK(*runtime->world());
   auto c = nccl_world();
   const int n = c->size(), me = c->rank();
   const int next = (me + 1) % n, prev = (me + n - 1) % n;
@@ -298,7 +276,7 @@ TEST(NcclComm, MessagesBetweenAPairMatchInPostingOrder) {
 
 TEST(NcclComm, GroupsFollowThePlanTopology) {
   PX_REQUIRE_GPU();
-  PX_REQUIRE_DEVICE_PER_RANK();
+  PX_REQUIRE_DEVICE_PER_RANK(*runtime->world());
   const int n = runtime->world_size();
   PlanSpec plan;  // a pipeline of two stages where the world divides (PP and embedding groups of 2)
   plan.pipeline_model_parallel_size = n % 2 == 0 ? 2 : 1;
@@ -333,7 +311,7 @@ TEST(NcclComm, GroupsFollowThePlanTopology) {
 // aborted communicator once the stream moves again.
 TEST(NcclComm, AStalledCollectiveIsATimeoutAndAbortsTheCommunicator) {
   PX_REQUIRE_GPU();
-  PX_REQUIRE_DEVICE_PER_RANK();
+  PX_REQUIRE_DEVICE_PER_RANK(*runtime->world());
   if (runtime->world_size() != 1) GTEST_SKIP() << "runs on one rank (see the comment above)";
   auto c = nccl_world();
   c->set_timeout(std::chrono::milliseconds(300));
@@ -379,7 +357,7 @@ TEST(NcclComm, AStalledCollectiveIsATimeoutAndAbortsTheCommunicator) {
 // aborted; the others abort theirs (the group is lost either way) once member 0 is through.
 TEST(NcclComm, APeerThatNeverAnswersIsATimeout) {
   PX_REQUIRE_GPU();
-  PX_REQUIRE_DEVICE_PER_RANK();
+  PX_REQUIRE_DEVICE_PER_RANK(*runtime->world());
   if (runtime->world_size() < 2) GTEST_SKIP() << "needs two ranks";
   auto c = nccl_world();
   auto host = runtime->world();
