@@ -120,6 +120,13 @@ struct CudaBackend::Impl {
   std::vector<DeviceCommunicator*> comm_of;
   std::vector<std::vector<CommHandlePtr>> finished;
   std::array<cudaStream_t, kNumStreams> timing{};
+
+  // Before the host blocks on the compute stream: the comm ops it waits for, waited for by the
+  // host first (their waits time out; a stream synchronize would not).
+  void wait_comm_on_host() {
+    for (auto& handles : finished)
+      for (auto& h : handles) h->wait();
+  }
   // Per op, worked out once: its operands and its name (the NVTX range), not on every issue.
   std::vector<Operands> operands;
   std::vector<std::string> names;
@@ -344,9 +351,7 @@ void CudaBackend::mark(std::uint32_t index) {
 
 void CudaBackend::device_timings(std::span<OpTiming> timings) {
   Impl& im = *impl_;
-  // The host waits for the comm ops first: their waits time out, a stream synchronize would not.
-  for (auto& handles : im.finished)
-    for (auto& h : handles) h->wait();
+  im.wait_comm_on_host();
   PX_CUDA_CHECK(cudaStreamSynchronize(im.stream));
   for (auto t : im.timing)
     if (t) PX_CUDA_CHECK(cudaStreamSynchronize(t));
@@ -806,6 +811,7 @@ void CudaBackend::run(const Program& program, std::uint32_t index, TensorArena& 
       } else if (op.stream == Stream::Host) {
         // The offloaded step runs on this thread once the gradients' copy has landed; the device
         // idles meanwhile, so the op's events span the host's work.
+        im.wait_comm_on_host();
         PX_CUDA_CHECK(cudaStreamSynchronize(st));
         const double clip = cpu::clip_coefficient(std::sqrt(std::max(0.0f, im.host_norm_sq.data()[0])), opt_.clip_grad);
         for (const Impl::HostSlice& h : im.host_slices) {
