@@ -15,6 +15,10 @@
 
 namespace px {
 
+// The executor's message tags (engine/exec/comm_layout.cpp): pipeline activations travel to the
+// next stage, their gradients to the previous one, ring blocks around a group.
+inline constexpr int kForwardTag = 1, kBackwardTag = 2, kRingTag = 3;
+
 class CommTimeout : public std::runtime_error {
  public:
   using std::runtime_error::runtime_error;

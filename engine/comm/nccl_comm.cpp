@@ -131,19 +131,28 @@ NcclCommunicator::NcclCommunicator(std::string name, int rank, int size) : name_
   PX_CUDA_CHECK(cudaMemset(scratch_, 0, sizeof(float)));
 }
 
-std::unique_ptr<NcclCommunicator> NcclCommunicator::begin_create(Communicator& host) {
-  std::unique_ptr<NcclCommunicator> c(new NcclCommunicator(host.name(), host.rank(), host.size()));
-  c->set_timeout(host.timeout());
-  ncclUniqueId id{};
-  if (host.rank() == 0) PX_NCCL_CHECK(ncclGetUniqueId(&id));
-  // The id crosses the host communicator one byte per float, each an exact small integer, so no
-  // byte of it depends on how the transport treats float bit patterns (NaNs).
-  std::vector<float> wire(sizeof id.internal);
-  if (host.rank() == 0)
-    for (std::size_t i = 0; i < wire.size(); ++i) wire[i] = static_cast<float>(static_cast<unsigned char>(id.internal[i]));
-  host.broadcast(wire, 0);
-  for (std::size_t i = 0; i < wire.size(); ++i) id.internal[i] = static_cast<char>(static_cast<unsigned char>(wire[i]));
+namespace {
 
+// An NCCL id crosses a host communicator one byte per float, each an exact small integer, so no
+// byte of it depends on how the transport treats float bit patterns (NaNs).
+std::vector<float> to_wire(const ncclUniqueId& id) {
+  std::vector<float> wire(sizeof id.internal);
+  for (std::size_t i = 0; i < wire.size(); ++i) wire[i] = static_cast<float>(static_cast<unsigned char>(id.internal[i]));
+  return wire;
+}
+
+ncclUniqueId from_wire(std::span<const float> wire) {
+  ncclUniqueId id{};
+  for (std::size_t i = 0; i < wire.size(); ++i) id.internal[i] = static_cast<char>(static_cast<unsigned char>(wire[i]));
+  return id;
+}
+
+}  // namespace
+
+std::unique_ptr<NcclCommunicator> NcclCommunicator::begin_init(std::string name, int rank, int size, const ncclUniqueId& id,
+                                                               std::chrono::milliseconds timeout) {
+  std::unique_ptr<NcclCommunicator> c(new NcclCommunicator(std::move(name), rank, size));
+  c->set_timeout(timeout);
   ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
   config.blocking = 0;
 #if NCCL_VERSION_CODE >= NCCL_VERSION(2, 23, 0)
@@ -158,6 +167,31 @@ std::unique_ptr<NcclCommunicator> NcclCommunicator::begin_create(Communicator& h
     c->abort_reason_ = "its NCCL init failed";
     cuda::throw_nccl_error(r, "ncclCommInitRankConfig", __FILE__, __LINE__);
   }
+  return c;
+}
+
+std::unique_ptr<NcclCommunicator> NcclCommunicator::begin_create(Communicator& host, const std::vector<Channel>& channels) {
+  ncclUniqueId id{};
+  if (host.rank() == 0) PX_NCCL_CHECK(ncclGetUniqueId(&id));
+  std::vector<float> wire = to_wire(id);
+  host.broadcast(wire, 0);
+  auto c = begin_init(host.name(), host.rank(), host.size(), from_wire(wire), host.timeout());
+  // Each channel: the pair this member sends to and the pair it receives from, the sender's id
+  // passed along the ring; every init runs in the background, so no member waits for another here.
+  const int n = host.size(), me = host.rank();
+  for (const Channel& ch : n > 1 ? channels : std::vector<Channel>{}) {
+    const int to = ((me + ch.to) % n + n) % n, from = ((me - ch.to) % n + n) % n;
+    ncclUniqueId mine{};
+    PX_NCCL_CHECK(ncclGetUniqueId(&mine));
+    std::vector<float> sent = to_wire(mine), got(sent.size());
+    host.send_recv(sent, to, got, from);
+    c->channels_.push_back(
+        {ch.tag, to, true, begin_init(fmt::format("{} tag {} {}>{}", host.name(), ch.tag, me, to), 0, 2, mine, host.timeout())});
+    c->channels_.push_back(
+        {ch.tag, from, false, begin_init(fmt::format("{} tag {} {}>{}", host.name(), ch.tag, from, me), 1, 2, from_wire(got), host.timeout())});
+  }
+  // A wait on a channel's handle keeps the group's heartbeat going.
+  for (PairChannel& ch : c->channels_) ch.comm->set_on_wait([group = c.get()] { group->on_wait(); });
   return c;
 }
 
@@ -182,12 +216,24 @@ void NcclCommunicator::finish_create() {
     backoff.pause();
   }
   initialized_ = true;
+  for (PairChannel& ch : channels_) ch.comm->finish_create();
 }
 
-std::unique_ptr<NcclCommunicator> NcclCommunicator::create(Communicator& host) {
-  auto c = begin_create(host);
+std::unique_ptr<NcclCommunicator> NcclCommunicator::create(Communicator& host, const std::vector<Channel>& channels) {
+  auto c = begin_create(host, channels);
   c->finish_create();
   return c;
+}
+
+std::pair<NcclCommunicator*, int> NcclCommunicator::route(bool send, int peer, int tag) {
+  for (PairChannel& ch : channels_)
+    if (ch.tag == tag && ch.send == send && ch.peer == peer) return {ch.comm.get(), send ? 1 : 0};
+  return {this, peer};
+}
+
+void NcclCommunicator::set_compute_stream(cudaStream_t s) {
+  compute_ = s;
+  for (PairChannel& ch : channels_) ch.comm->set_compute_stream(s);
 }
 
 NcclCommunicator::~NcclCommunicator() {
@@ -234,6 +280,7 @@ void NcclCommunicator::abort(const std::string& why) {
   enqueuing_.clear();  // their handles now throw: NCCL will never record them as done
   if (comm_) (void)ncclCommAbort(comm_);
   comm_ = nullptr;
+  for (PairChannel& ch : channels_) ch.comm->abort(why);
 }
 
 // ---- communicator: progress ----
@@ -306,6 +353,7 @@ void NcclCommunicator::settle(const std::string& what) {
 void NcclCommunicator::flush() {
   ensure_usable("flush");
   settle("flush");
+  for (PairChannel& ch : channels_) ch.comm->flush();
 }
 
 void NcclCommunicator::run_p2p_group(std::span<const P2pCall> calls) {
@@ -467,13 +515,15 @@ CommHandlePtr NcclCommunicator::start_broadcast(std::span<float> buf, int root) 
   });
 }
 
-// Tags are not NCCL's: messages between a pair match in posting order (see the header).
-CommHandlePtr NcclCommunicator::start_send(std::span<const float> buf, int peer, int /*tag*/) {
-  return defer(fmt::format("send to member {}", peer), {true, const_cast<float*>(buf.data()), buf.size(), ncclFloat32, peer});
+// A channel's tag travels on its pair communicator; others match in posting order (see the header).
+CommHandlePtr NcclCommunicator::start_send(std::span<const float> buf, int peer, int tag) {
+  const auto [c, p] = route(true, peer, tag);
+  return c->defer(fmt::format("send to member {}", peer), {true, const_cast<float*>(buf.data()), buf.size(), ncclFloat32, p});
 }
 
-CommHandlePtr NcclCommunicator::start_recv(std::span<float> buf, int peer, int /*tag*/) {
-  return defer(fmt::format("recv from member {}", peer), {false, buf.data(), buf.size(), ncclFloat32, peer});
+CommHandlePtr NcclCommunicator::start_recv(std::span<float> buf, int peer, int tag) {
+  const auto [c, p] = route(false, peer, tag);
+  return c->defer(fmt::format("recv from member {}", peer), {false, buf.data(), buf.size(), ncclFloat32, p});
 }
 
 // A maximum over one zero stays zero however many barriers run (a sum would grow to infinity).
@@ -498,12 +548,14 @@ CommHandlePtr NcclCommunicator::start_all_to_all_bf16(std::span<const bf16> in, 
   return enqueue_all_to_all(in.data(), out.data(), in.size(), ncclBfloat16, sizeof(bf16), "all_to_all (bf16)");
 }
 
-CommHandlePtr NcclCommunicator::start_send_bf16(std::span<const bf16> buf, int peer, int /*tag*/) {
-  return defer(fmt::format("send to member {} (bf16)", peer), {true, const_cast<bf16*>(buf.data()), buf.size(), ncclBfloat16, peer});
+CommHandlePtr NcclCommunicator::start_send_bf16(std::span<const bf16> buf, int peer, int tag) {
+  const auto [c, p] = route(true, peer, tag);
+  return c->defer(fmt::format("send to member {} (bf16)", peer), {true, const_cast<bf16*>(buf.data()), buf.size(), ncclBfloat16, p});
 }
 
-CommHandlePtr NcclCommunicator::start_recv_bf16(std::span<bf16> buf, int peer, int /*tag*/) {
-  return defer(fmt::format("recv from member {} (bf16)", peer), {false, buf.data(), buf.size(), ncclBfloat16, peer});
+CommHandlePtr NcclCommunicator::start_recv_bf16(std::span<bf16> buf, int peer, int tag) {
+  const auto [c, p] = route(false, peer, tag);
+  return c->defer(fmt::format("recv from member {} (bf16)", peer), {false, buf.data(), buf.size(), ncclBfloat16, p});
 }
 
 // ---- groups ----
@@ -529,7 +581,10 @@ NcclGroups make_nccl_groups(const Topology& topology, int world_rank, const MpiG
         host->size() != static_cast<int>(topology.members(kind, id).size()))
       throw std::logic_error(fmt::format("make_nccl_groups: the MPI groups do not follow the topology for {} (rank {})",
                                          to_string(kind), world_rank));
-    out.group[static_cast<std::size_t>(g)] = NcclCommunicator::begin_create(*host);
+    const std::vector<NcclCommunicator::Channel> channels =
+        kind == GroupKind::PP ? std::vector<NcclCommunicator::Channel>{{kForwardTag, +1}, {kBackwardTag, -1}}
+                              : std::vector<NcclCommunicator::Channel>{};
+    out.group[static_cast<std::size_t>(g)] = NcclCommunicator::begin_create(*host, channels);
   }
   for (auto& c : out.group)
     if (c) c->finish_create();

@@ -10,9 +10,15 @@
 // - Every member must start a group's operations in the same order, point-to-point included: NCCL
 //   runs one communicator's work in issue order, so a collective started on one member before a
 //   send that another member receives first deadlocks where MPI would not.
-// - Tags are accepted and ignored: NCCL has none. Messages from A to B match B's receives from A in
-//   posting order across all tags (one ordered queue per direction and pair), so tagged streams
-//   between the same two members stay apart only if both post them in the same interleaving.
+// - NCCL has no tags: messages from A to B match B's receives from A in posting order across all
+//   tags, and one communicator runs all of its operations in one order. A message stream created
+//   as a channel (create's `channels`: a tag and the neighbour it goes to) travels instead on
+//   2-member communicators of its own, one per sending and receiving pair (PyTorch's per-pair
+//   NCCL communicators for point-to-point): each carries one direction of one tag, so a pipeline's
+//   activations never queue behind its gradients. On one communicator that deadlocks once a
+//   message outgrows NCCL's buffers: a send ends only when its receiver's kernel runs, and the
+//   receiver's queue can hold its own send the other way first. Other tags share the group's
+//   communicator and must be posted in the same interleaving by both members.
 // - Sends and receives are deferred and issued together, as one NCCL group, at the next collective
 //   start, wait/test/wait_on of any handle of the communicator, or flush(): NCCL blocks the stream
 //   on a lone send or receive until its peer's matching call runs, so an exchange posted as
@@ -28,10 +34,12 @@
 #include <nccl.h>
 
 #include <array>
+#include <chrono>
 #include <cstddef>
 #include <memory>
 #include <span>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "engine/comm/device_communicator.hpp"
@@ -73,9 +81,15 @@ class NcclHandle final : public CommHandle {
 class NcclCommunicator final : public DeviceCommunicator {
  public:
 
+  // A message stream with communicators of its own: tag `tag`, sent to member rank() + `to` and
+  // received from member rank() - `to` (modulo the size).
+  struct Channel {
+    int tag;
+    int to;  // +1: the next member, -1: the previous one
+  };
   // Collective over `host`'s members (an MPI group communicator): same ranks, size and name, and
   // host's timeout as this one's. The calling process's current CUDA device is this member's.
-  static std::unique_ptr<NcclCommunicator> create(Communicator& host);
+  static std::unique_ptr<NcclCommunicator> create(Communicator& host, const std::vector<Channel>& channels = {});
   ~NcclCommunicator() override;
   NcclCommunicator(const NcclCommunicator&) = delete;
   NcclCommunicator& operator=(const NcclCommunicator&) = delete;
@@ -105,17 +119,17 @@ class NcclCommunicator final : public DeviceCommunicator {
   CommHandlePtr start_send_bf16(std::span<const bf16> buf, int peer, int tag = 0) override;
   CommHandlePtr start_recv_bf16(std::span<bf16> buf, int peer, int tag = 0) override;
 
-  // Null (the default): the legacy default stream.
-  void set_compute_stream(cudaStream_t s) override { compute_ = s; }
+  // Null (the default): the legacy default stream. Channels follow it.
+  void set_compute_stream(cudaStream_t s) override;
   cudaStream_t compute_stream() const { return compute_; }
   cudaStream_t comm_stream() const { return stream_; }
   // `h` must be an NcclHandle (std::invalid_argument otherwise).
   void wait_on(CommHandle& h, cudaStream_t stream) override;
 
-  // Issues the deferred sends and receives now (as one NCCL group).
+  // Issues the deferred sends and receives now (as one NCCL group), the channels' too.
   void flush();
-  // Drops the NCCL communicator without talking to its peers (after one of them failed); every
-  // later call on this communicator throws CommTimeout.
+  // Drops the NCCL communicator (and its channels') without talking to its peers (after one of
+  // them failed); every later call on this communicator throws CommTimeout.
   void abort(const std::string& why = "aborted by the caller");
   bool aborted() const { return aborted_; }
   ncclComm_t nccl() const { return comm_; }
@@ -139,8 +153,14 @@ class NcclCommunicator final : public DeviceCommunicator {
 
   NcclCommunicator(std::string name, int rank, int size);
   // Collective creation in two steps, so several groups' NCCL inits run at once.
-  static std::unique_ptr<NcclCommunicator> begin_create(Communicator& host);
+  static std::unique_ptr<NcclCommunicator> begin_create(Communicator& host, const std::vector<Channel>& channels);
+  // This member's NCCL communicator of `size` from `id`, its init under way.
+  static std::unique_ptr<NcclCommunicator> begin_init(std::string name, int rank, int size, const ncclUniqueId& id,
+                                                      std::chrono::milliseconds timeout);
   void finish_create();
+  // Where a message of `tag` to (send) or from `peer` goes: a channel's pair communicator and the
+  // peer's member index there, or this communicator and `peer`.
+  std::pair<NcclCommunicator*, int> route(bool send, int peer, int tag);
 
   template <class Enqueue>
   CommHandlePtr issue(std::string what, Enqueue&& enqueue);
@@ -176,6 +196,12 @@ class NcclCommunicator final : public DeviceCommunicator {
   float* scratch_ = nullptr;        // one device float, the barrier's all-reduce
   std::vector<Deferred> deferred_;
   std::vector<std::shared_ptr<nccl_detail::Op>> enqueuing_;
+  struct PairChannel {
+    int tag, peer;  // the messages of `tag` this member sends to `peer`, or (!send) receives from it
+    bool send;
+    std::unique_ptr<NcclCommunicator> comm;  // 2 members: the sender 0, the receiver 1
+  };
+  std::vector<PairChannel> channels_;
   bool initialized_ = false;  // NCCL's init finished (before: abort, never finalize)
   bool aborted_ = false;
   std::string abort_reason_;
@@ -186,7 +212,8 @@ class NcclCommunicator final : public DeviceCommunicator {
 int select_local_device(int local_rank);
 
 // This rank's NCCL communicator for every group kind it has an MPI communicator for (mpi: from
-// make_mpi_groups with the same topology). Collective across all ranks.
+// make_mpi_groups with the same topology), the pipeline group's activations and gradients on
+// channels of their own. Collective across all ranks.
 struct NcclGroups {
   std::array<std::unique_ptr<NcclCommunicator>, kNumGroupKinds> group;
   NcclCommunicator* operator[](GroupKind g) const { return group[static_cast<std::size_t>(g)].get(); }

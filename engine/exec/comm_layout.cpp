@@ -10,9 +10,8 @@
 namespace px {
 namespace {
 
-// Tags keep message streams apart: with two pipeline stages "next" and "previous" are the same
-// member, and activations and gradients must not match each other's receives.
-constexpr int kForwardTag = 1, kBackwardTag = 2, kRingTag = 3;
+// Tags (communicator.hpp) keep message streams apart: with two pipeline stages "next" and
+// "previous" are the same member, and activations and gradients must not match each other's receives.
 
 struct Views {
   const Program& program;

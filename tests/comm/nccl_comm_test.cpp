@@ -1,7 +1,8 @@
 // NCCL collectives per process group over device buffers, run under mpirun (one GPU per rank):
 // every collective's result against the closed form each member computes alone (as the MPI tests
-// check), the comm stream's ordering against the compute stream, deferred sends/receives, groups
-// against the plan's topology, and a timeout (with the communicator aborted) instead of a hang.
+// check), the comm stream's ordering against the compute stream, deferred sends/receives,
+// channels, groups against the plan's topology, and a timeout (with the communicator aborted)
+// instead of a hang.
 // Without a GPU, or with fewer GPUs than ranks on a machine, every test skips.
 #include <gtest/gtest.h>
 
@@ -272,6 +273,37 @@ TEST(NcclComm, MessagesBetweenAPairMatchInPostingOrder) {
   s2->wait();
   for (float x : got1.download()) ASSERT_EQ(x, static_cast<float>(prev * 10 + 1));
   for (float x : got2.download()) ASSERT_EQ(x, static_cast<float>(prev * 10 + 2));
+}
+
+// A pipeline's two message streams on channels: every member sends 64 MiB of activations to the
+// next and then 64 MiB of gradients to the previous, each issued before any receive (a test() per
+// post issues it alone). On one communicator both sends would wait for receives queued behind
+// them (a message this large does not fit NCCL's buffers); on channels each stream flows apart.
+TEST(NcclComm, ChannelsKeepOppositeStreamsOfLargeMessagesApart) {
+  PX_REQUIRE_GPU();
+  PX_REQUIRE_DEVICE_PER_RANK(*runtime->world());
+  auto host = runtime->world();
+  auto c = NcclCommunicator::create(*host, {{kForwardTag, +1}, {kBackwardTag, -1}});
+  const int n = c->size(), me = c->rank();
+  if (n < 2) GTEST_SKIP() << "needs two members";
+  const int next = (me + 1) % n, prev = (me + n - 1) % n;
+  const std::size_t count = std::size_t{16} << 20;  // 64 MiB of fp32
+  auto act = on_device(std::vector<float>(count, static_cast<float>(me + 1)));
+  auto grad = on_device(std::vector<float>(count, static_cast<float>(-me - 1)));
+  DeviceBuffer<float> act_in(count), grad_in(count);
+  auto s1 = c->start_send(span(act), next, kForwardTag);
+  (void)s1->test();
+  auto s2 = c->start_send(span(grad), prev, kBackwardTag);
+  (void)s2->test();
+  auto r1 = c->start_recv(span(act_in), prev, kForwardTag);
+  (void)r1->test();
+  auto r2 = c->start_recv(span(grad_in), next, kBackwardTag);
+  for (auto* h : {&s1, &s2, &r1, &r2}) (*h)->wait();
+  const auto a = act_in.download(), g = grad_in.download();
+  ASSERT_EQ(a.front(), static_cast<float>(prev + 1));
+  ASSERT_EQ(a.back(), static_cast<float>(prev + 1));
+  ASSERT_EQ(g.front(), static_cast<float>(-next - 1));
+  ASSERT_EQ(g.back(), static_cast<float>(-next - 1));
 }
 
 TEST(NcclComm, GroupsFollowThePlanTopology) {
