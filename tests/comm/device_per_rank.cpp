@@ -7,6 +7,7 @@
 
 #include "engine/backends/cuda/check.hpp"
 #include "engine/comm/launch.hpp"
+#include "engine/comm/nccl_comm.hpp"
 
 namespace px::test {
 
@@ -21,6 +22,20 @@ std::string short_of_devices(Communicator& world) {
   if (short_flag[0] == 0) return {};
   return fmt::format("{} ranks share a machine that has {} CUDA device(s); NCCL needs one device per rank",
                      static_cast<int>(ranks_here[0]), devices);
+}
+
+int run_gpu_tests_under_mpi(int argc, char** argv, MpiRuntime*& runtime) {
+  MpiRuntime mpi(&argc, &argv);
+  runtime = &mpi;
+  if (cuda::device_count() > 0) select_local_device(discover_launch().local_rank);
+  ::testing::InitGoogleTest(&argc, argv);
+  if (mpi.world_rank() != 0) {
+    auto& listeners = ::testing::UnitTest::GetInstance()->listeners();
+    delete listeners.Release(listeners.default_result_printer());
+  }
+  const int failed = RUN_ALL_TESTS();
+  runtime = nullptr;
+  return failed;
 }
 
 }  // namespace px::test

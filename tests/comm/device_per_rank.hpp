@@ -1,5 +1,6 @@
 // For GPU tests under mpirun: NCCL refuses two members of a communicator on one device, so a job
-// with more ranks on a machine than the machine has GPUs skips its NCCL tests, all ranks alike.
+// with more ranks on a machine than the machine has GPUs skips its NCCL tests, all ranks alike;
+// and their main().
 #pragma once
 
 #include <gtest/gtest.h>
@@ -7,11 +8,17 @@
 #include <string>
 
 #include "engine/comm/communicator.hpp"
+#include "engine/comm/mpi_comm.hpp"
 
 namespace px::test {
 
 // Empty when every rank can have a device of its own; else why not. Collective over `world`.
 std::string short_of_devices(Communicator& world);
+
+// A test program's main(): MPI up (`runtime` set for the tests), this rank's device chosen by its
+// place on the machine before any CUDA state exists, one report (rank 0's; every rank's exit code
+// still says whether its tests failed).
+int run_gpu_tests_under_mpi(int argc, char** argv, MpiRuntime*& runtime);
 
 }  // namespace px::test
 

@@ -145,15 +145,4 @@ INSTANTIATE_TEST_SUITE_P(Plans, NcclTraining, ::testing::ValuesIn(cases()), [](c
 }  // namespace
 }  // namespace px
 
-int main(int argc, char** argv) {
-  px::MpiRuntime mpi(&argc, &argv);
-  px::runtime = &mpi;
-  // One device per rank on a machine, before any CUDA state exists.
-  if (px::cuda::device_count() > 0) px::select_local_device(px::discover_launch().local_rank);
-  ::testing::InitGoogleTest(&argc, argv);
-  if (mpi.world_rank() != 0) {
-    auto& listeners = ::testing::UnitTest::GetInstance()->listeners();
-    delete listeners.Release(listeners.default_result_printer());
-  }
-  return RUN_ALL_TESTS();
-}
+int main(int argc, char** argv) { return px::test::run_gpu_tests_under_mpi(argc, argv, px::runtime); }
