@@ -2,7 +2,8 @@
 // (the dry run's in-order mode proves that order deadlock-free for every strategy): compute and
 // memory ops run to completion on the backend; comm ops are posted nonblocking on the rank's
 // process-group communicators and waited for only where a later op depends on them or is about to
-// overwrite bytes they still use. Every op's real start and end is recorded.
+// overwrite bytes they still use (on a device backend with communicators of its own, the device
+// waits there, not the host). Every op's real start and end is recorded.
 #pragma once
 
 #include <array>

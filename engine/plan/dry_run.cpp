@@ -20,7 +20,16 @@ struct RoleIndex {
                                    // send/recv: index among the role's ops on the same stream
 };
 
-RoleIndex index_role(const Program& prog, bool in_order_issue) {
+// A comm op's NCCL communicator on its rank (DryRunOptions::nccl_order): the group's, or for
+// pipeline messages the channel of their direction.
+int nccl_queue(const Op& op) {
+  int channel = 0;
+  if (op.kind == OpKind::Send) channel = op.peer > 0 ? 1 : 2;  // activations to the next, gradients to the previous
+  if (op.kind == OpKind::Recv) channel = op.peer < 0 ? 3 : 4;  // activations from the previous, gradients from the next
+  return static_cast<int>(op.group) * 5 + channel;
+}
+
+RoleIndex index_role(const Program& prog, bool in_order_issue, bool nccl_order) {
   RoleIndex ix;
   const std::size_t n = prog.ops.size();
   ix.successors.resize(n);
@@ -30,14 +39,29 @@ RoleIndex index_role(const Program& prog, bool in_order_issue) {
   last_on_stream.fill(-1);
   std::array<std::uint32_t, kNumGroupKinds> coll_count{};
   std::array<std::uint32_t, kNumStreams> stream_count{};
+  std::int64_t last_device = -1;  // nccl_order: the device stream's last op so far
+  std::map<int, std::int64_t> last_on_queue;
+  const auto edge = [&](std::int64_t from, std::uint32_t to) {
+    if (from < 0) return;
+    ix.successors[static_cast<std::size_t>(from)].push_back(to);
+    ++ix.preds[to];
+  };
   for (std::uint32_t i = 0; i < n; ++i) {
     const Op& op = prog.ops[i];
-    auto& prev = last_on_stream[static_cast<std::size_t>(op.stream)];
-    if (prev >= 0) {
-      ix.successors[static_cast<std::size_t>(prev)].push_back(i);
-      ++ix.preds[i];
+    if (nccl_order) {
+      edge(last_device, i);
+      if (is_comm(op.kind)) {
+        auto [at, fresh] = last_on_queue.try_emplace(nccl_queue(op), -1);
+        edge(at->second, i);
+        at->second = i;
+      } else {
+        last_device = i;
+      }
+    } else {
+      auto& prev = last_on_stream[static_cast<std::size_t>(op.stream)];
+      edge(prev, i);
+      prev = i;
     }
-    prev = i;
     for (auto d : prog.deps_of(op)) {
       ix.successors[d].push_back(i);
       ++ix.preds[i];
@@ -68,7 +92,7 @@ DryRunResult dry_run(const CompiledPlan& plan, const DryRunOptions& options) {
   const int world = topo.world_size();
   const int p = plan.plan.pp();
   std::vector<RoleIndex> roles;
-  for (const auto& prog : plan.roles) roles.push_back(index_role(prog, options.in_order_issue));
+  for (const auto& prog : plan.roles) roles.push_back(index_role(prog, options.in_order_issue, options.nccl_order));
 
   struct RankState {
     std::vector<std::uint32_t> pending;

@@ -36,6 +36,13 @@ struct DryRunOptions {
   // a compute op runs to completion before the next op is issued; a comm op is posted and the next
   // op issued at once. Proves that order itself cannot deadlock, on top of the stream semantics.
   bool in_order_issue = false;
+  // Order ops as the CUDA engine does over NCCL (engine/backends/cuda/cuda_backend.hpp) instead
+  // of by the plan's streams: compute and memory ops on one device stream in program order; each
+  // comm op after all device work issued before it (the compute stream's progress at its posting)
+  // and after the previous op on its NCCL communicator, which runs its operations one at a time:
+  // one per group instance, and for the pipeline's activations and gradients one per sending pair
+  // and direction (engine/comm/nccl_comm.hpp's channels). Proves that order cannot deadlock.
+  bool nccl_order = false;
 };
 
 DryRunResult dry_run(const CompiledPlan& plan, const DryRunOptions& options = {});

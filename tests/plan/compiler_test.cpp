@@ -129,6 +129,16 @@ TEST_P(Strategy, InOrderIssueFromOneThreadCannotDeadlock) {
   EXPECT_TRUE(r.ok) << r.error;
 }
 
+// The CUDA engine's order: one device stream, each NCCL communicator one operation at a time,
+// every comm op after the device work before it.
+TEST_P(Strategy, NcclCommunicatorOrderCannotDeadlock) {
+  const CompiledPlan plan = compile(GetParam().model, GetParam().set);
+  DryRunOptions options;
+  options.nccl_order = true;
+  const DryRunResult r = dry_run(plan, options);
+  EXPECT_TRUE(r.ok) << r.error;
+}
+
 TEST_P(Strategy, SummedFlopsEqualTheClosedForm) {
   const CompiledPlan plan = compile(GetParam().model, GetParam().set);
   double sum = 0;
