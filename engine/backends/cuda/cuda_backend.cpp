@@ -384,6 +384,7 @@ std::vector<CommHandlePtr> CudaBackend::post_comm(std::uint32_t index, const Com
     throw Error(ErrorKind::Usage, {}, fmt::format("op '{}' moves {} elements", impl_->names[index], to_string(L.dtype)),
                 "the CUDA engine's comm ops carry bf16 or fp32");
   Impl& im = *impl_;
+  const NvtxRange range(im.names[index].c_str());  // the posting, on the host's timeline
   record_start(index);
   nc->set_compute_stream(im.stream);
   im.comm_of[index] = nc;
