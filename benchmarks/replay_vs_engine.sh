@@ -44,9 +44,11 @@ plans=(
   "2|tiny-moe|--dp 2 --ep 2 --global-batch 4 --micro-batch 1"
 )
 # Each plan is measured in several passes over all the plans, each pass with its own comm table
-# measured just before its runs, and a plan's error is its median over the passes: a neighbour
-# that slows this shared machine for a second slows one pass's runs, compute and messages alike,
-# while the replay prices messages from a table measured at another moment.
+# (sweeps just before and just after its runs, pooled into their mean: the machine's state drifts
+# over minutes, and one table from a slow or fast moment mispriced a whole pass's messages by up
+# to 2.4x), and a plan's error is its median over the passes: a neighbour that slows this shared
+# machine for a second slows one pass's runs, compute and messages alike, while the replay prices
+# messages from tables measured at other moments.
 passes=${REPLAY_PASSES:-3}
 declare -A verbatim by_iteration calibrated crossed  # plan index -> its errors, one per pass
 printf "%-4s %-14s %-78s %10s %10s %8s %8s %10s %8s %10s %8s\n" pass model plan measured verbatim error "by iter" calibrated error "one-rank" error
@@ -57,21 +59,31 @@ percent() { awk -v e="$1" 'BEGIN { printf "%+.1f%%", 100 * e }'; }
 for pass in $(seq 1 "$passes"); do
   pdir="$dir/pass$pass"
   mkdir -p "$pdir"
-  # The collectives' and messages' own cost on this machine, for the profiles: five sweeps pooled,
-  # so that a second-long slowdown of the machine moves one sweep's points, not the table.
-  [ "$replay_only" = 1 ] ||
-    "$mpiexec" -np 2 --oversubscribe "$comm_bench" -b 4 -e 4194304 -f 2 -n 100 -w 10 -N 5 -c all --json "$pdir/comm.json" > "$pdir/comm.log" 2>&1 ||
-    { cat "$pdir/comm.log"; echo "FAIL: comm benchmark"; exit 1; }
+  # The collectives' and messages' own cost on this machine, for the profiles: five sweeps pooled
+  # per table, so that a second-long slowdown of the machine moves one sweep's points, not the table.
+  sweep() {
+    "$mpiexec" -np 2 --oversubscribe "$comm_bench" -b 4 -e 4194304 -f 2 -n 100 -w 10 -N 5 -c all --json "$pdir/$1.json" > "$pdir/$1.log" 2>&1 ||
+      { cat "$pdir/$1.log"; echo "FAIL: comm benchmark"; exit 1; }
+  }
+  if [ "$replay_only" != 1 ]; then
+    sweep comm
+    for i in "${!plans[@]}"; do
+      IFS='|' read -r np model flags <<< "${plans[$i]}"
+      run="$pdir/run$i"
+      # shellcheck disable=SC2086
+      "$mpiexec" -np "$np" --oversubscribe "$parallax" train --model "$model" $flags --iterations 34 --trace-iterations 30 \
+        --out "$run" --log-every 1000 > "$run.log" 2>&1 || { cat "$run.log"; echo "FAIL: training run $i"; exit 1; }
+    done
+    sweep comm-after
+  fi
+  tables=(--comm-bench "$pdir/comm.json")
+  [ -f "$pdir/comm-after.json" ] && tables+=(--comm-bench "$pdir/comm-after.json")
   declare -A one_rank=()  # model -> the profile of its one-rank run in this pass
   for i in "${!plans[@]}"; do
     IFS='|' read -r np model flags <<< "${plans[$i]}"
     run="$pdir/run$i"
     # shellcheck disable=SC2086
-    [ "$replay_only" = 1 ] ||
-      "$mpiexec" -np "$np" --oversubscribe "$parallax" train --model "$model" $flags --iterations 34 --trace-iterations 30 \
-        --out "$run" --log-every 1000 > "$run.log" 2>&1 || { cat "$run.log"; echo "FAIL: training run $i"; exit 1; }
-    # shellcheck disable=SC2086
-    "$parallax" calibrate --model "$model" $flags --traces "$run"/trace_rank*.json --comm-bench "$pdir/comm.json" \
+    "$parallax" calibrate --model "$model" $flags --traces "$run"/trace_rank*.json "${tables[@]}" \
       --out "$run/profile.json" > /dev/null || exit 1
     # Verbatim: each traced iteration replayed with its own recorded compute costs.
     # shellcheck disable=SC2086

@@ -245,10 +245,22 @@ void CalibrationProfile::add_comm_bench(const std::filesystem::path& file) {
   for (const auto& row : j["rows"]) {
     if (!row.contains("collective") || !row.contains("ranks") || !row.contains("size_bytes") || !row.contains("time_us"))
       throw Error(ErrorKind::Spec, {file.string()}, "a row lacks collective, ranks, size_bytes or time_us", "regenerate it with comm_bench");
-    auto& points = collectives_[row["collective"].get<std::string>()][row["ranks"].get<int>()];
+    const std::string name = row["collective"].get<std::string>();
+    const int ranks = row["ranks"].get<int>();
+    const double bytes = row["size_bytes"].get<double>();
     // The median iteration where the benchmark reports it: robust to a descheduled iteration.
-    points.emplace_back(row["size_bytes"].get<double>(), 1e-6 * row.value("median_us", row["time_us"].get<double>()));
-    std::sort(points.begin(), points.end());
+    const double seconds = 1e-6 * row.value("median_us", row["time_us"].get<double>());
+    auto& points = collectives_[name][ranks];
+    int& pooled = comm_samples_[{name, ranks, bytes}];
+    const auto at = std::find_if(points.begin(), points.end(), [&](const auto& p) { return p.first == bytes; });
+    if (at == points.end()) {
+      points.emplace_back(bytes, seconds);
+      std::sort(points.begin(), points.end());
+    } else {
+      pooled = std::max(pooled, 1);  // a point loaded with a saved profile counts once
+      at->second += (seconds - at->second) / (pooled + 1);  // running mean over the files
+    }
+    ++pooled;
   }
 }
 

@@ -6,6 +6,7 @@
 
 #include <filesystem>
 #include <map>
+#include <tuple>
 #include <nlohmann/json.hpp>
 #include <optional>
 #include <string>
@@ -75,7 +76,8 @@ class CalibrationProfile {
   void add(const std::string& signature, double seconds);
   // Adds a comm benchmark's rows (comm_bench --json: collective, ranks, size in nccl-tests' sense,
   // the median iteration's time, else the mean): the measured time of each collective by group
-  // size and buffer size.
+  // size and buffer size. A size several files measured gets their mean (sweeps taken at both
+  // ends of a stretch of runs stand for the machine's state across it).
   void add_comm_bench(const std::filesystem::path& file);
   // The measured time of a collective (or, for send/recv and ring steps, a message) of `bytes` in a
   // group of `ranks`, interpolated linearly between benchmarked sizes and extrapolated past the
@@ -124,6 +126,7 @@ class CalibrationProfile {
   std::map<std::string, std::vector<double>> samples_;
   std::vector<double> gaps_;
   std::map<std::string, std::map<int, std::vector<std::pair<double, double>>>> collectives_;  // name -> ranks -> (bytes, s)
+  std::map<std::tuple<std::string, int, double>, int> comm_samples_;  // files pooled into each point
   std::map<int, double> step_span_;  // iteration -> slowest rank's span, seconds
   std::optional<double> iteration_;  // from a profile file
   std::optional<double> gap_;  // from a profile file

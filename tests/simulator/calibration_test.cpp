@@ -293,6 +293,28 @@ TEST(Calibration, CollectivesInterpolateTheCommBenchmark) {
   EXPECT_THROW(p.add_comm_bench(dir / "bad.json"), Error);
 }
 
+// Sweeps before and after a stretch of runs: each size gets their mean, sizes only one measured
+// keep its value, and the interpolation runs over the pooled points.
+TEST(Calibration, CommBenchmarksOfTheSameSizesPoolIntoTheirMean) {
+  const fs::path dir = fs::path(::testing::TempDir()) / ("calibration-pool-" + std::to_string(getpid()));
+  fs::create_directories(dir);
+  std::ofstream(dir / "before.json") << R"({"rows": [
+    {"collective": "all_reduce", "ranks": 2, "size_bytes": 1024, "time_us": 10},
+    {"collective": "all_reduce", "ranks": 2, "size_bytes": 4096, "time_us": 40}]})";
+  std::ofstream(dir / "after.json") << R"({"rows": [
+    {"collective": "all_reduce", "ranks": 2, "size_bytes": 1024, "time_us": 20},
+    {"collective": "all_reduce", "ranks": 2, "size_bytes": 2048, "time_us": 16}]})";
+  std::ofstream(dir / "third.json") << R"({"rows": [{"collective": "all_reduce", "ranks": 2, "size_bytes": 1024, "time_us": 45}]})";
+  CalibrationProfile p;
+  p.add_comm_bench(dir / "before.json");
+  p.add_comm_bench(dir / "after.json");
+  EXPECT_DOUBLE_EQ(*p.collective_seconds(OpKind::AllReduce, 2, 1024), 15e-6);
+  EXPECT_DOUBLE_EQ(*p.collective_seconds(OpKind::AllReduce, 2, 2048), 16e-6);
+  EXPECT_DOUBLE_EQ(*p.collective_seconds(OpKind::AllReduce, 2, 3072), 28e-6);
+  p.add_comm_bench(dir / "third.json");
+  EXPECT_DOUBLE_EQ(*p.collective_seconds(OpKind::AllReduce, 2, 1024), 25e-6);  // (10 + 20 + 45) / 3
+}
+
 TEST(Calibration, TracesOfAnotherPlanAreRefusedNamingTheFile) {
   const CompiledPlan plan = tp2_pp2();
   const fs::path dir = fs::path(::testing::TempDir()) / ("calibration-other-" + std::to_string(getpid()));
