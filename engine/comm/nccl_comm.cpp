@@ -225,10 +225,15 @@ std::unique_ptr<NcclCommunicator> NcclCommunicator::create(Communicator& host, c
   return c;
 }
 
-std::pair<NcclCommunicator*, int> NcclCommunicator::route(bool send, int peer, int tag) {
+// A channel's tag travels on its pair communicator; others match in posting order (see the header).
+CommHandlePtr NcclCommunicator::post_p2p(P2pCall call, int tag) {
+  std::string what = fmt::format("{} member {}{}", call.send ? "send to" : "recv from", call.peer, call.type == ncclBfloat16 ? " (bf16)" : "");
   for (PairChannel& ch : channels_)
-    if (ch.tag == tag && ch.send == send && ch.peer == peer) return {ch.comm.get(), send ? 1 : 0};
-  return {this, peer};
+    if (ch.tag == tag && ch.send == call.send && ch.peer == call.peer) {
+      call.peer = call.send ? 1 : 0;  // the sender is member 0 of its pair
+      return ch.comm->defer(std::move(what), call);
+    }
+  return defer(std::move(what), call);
 }
 
 void NcclCommunicator::set_compute_stream(cudaStream_t s) {
@@ -515,15 +520,12 @@ CommHandlePtr NcclCommunicator::start_broadcast(std::span<float> buf, int root) 
   });
 }
 
-// A channel's tag travels on its pair communicator; others match in posting order (see the header).
 CommHandlePtr NcclCommunicator::start_send(std::span<const float> buf, int peer, int tag) {
-  const auto [c, p] = route(true, peer, tag);
-  return c->defer(fmt::format("send to member {}", peer), {true, const_cast<float*>(buf.data()), buf.size(), ncclFloat32, p});
+  return post_p2p({true, const_cast<float*>(buf.data()), buf.size(), ncclFloat32, peer}, tag);
 }
 
 CommHandlePtr NcclCommunicator::start_recv(std::span<float> buf, int peer, int tag) {
-  const auto [c, p] = route(false, peer, tag);
-  return c->defer(fmt::format("recv from member {}", peer), {false, buf.data(), buf.size(), ncclFloat32, p});
+  return post_p2p({false, buf.data(), buf.size(), ncclFloat32, peer}, tag);
 }
 
 // A maximum over one zero stays zero however many barriers run (a sum would grow to infinity).
@@ -549,13 +551,11 @@ CommHandlePtr NcclCommunicator::start_all_to_all_bf16(std::span<const bf16> in, 
 }
 
 CommHandlePtr NcclCommunicator::start_send_bf16(std::span<const bf16> buf, int peer, int tag) {
-  const auto [c, p] = route(true, peer, tag);
-  return c->defer(fmt::format("send to member {} (bf16)", peer), {true, const_cast<bf16*>(buf.data()), buf.size(), ncclBfloat16, p});
+  return post_p2p({true, const_cast<bf16*>(buf.data()), buf.size(), ncclBfloat16, peer}, tag);
 }
 
 CommHandlePtr NcclCommunicator::start_recv_bf16(std::span<bf16> buf, int peer, int tag) {
-  const auto [c, p] = route(false, peer, tag);
-  return c->defer(fmt::format("recv from member {} (bf16)", peer), {false, buf.data(), buf.size(), ncclBfloat16, p});
+  return post_p2p({false, buf.data(), buf.size(), ncclBfloat16, peer}, tag);
 }
 
 // ---- groups ----

@@ -39,7 +39,6 @@
 #include <memory>
 #include <span>
 #include <string>
-#include <utility>
 #include <vector>
 
 #include "engine/comm/device_communicator.hpp"
@@ -158,9 +157,9 @@ class NcclCommunicator final : public DeviceCommunicator {
   static std::unique_ptr<NcclCommunicator> begin_init(std::string name, int rank, int size, const ncclUniqueId& id,
                                                       std::chrono::milliseconds timeout);
   void finish_create();
-  // Where a message of `tag` to (send) or from `peer` goes: a channel's pair communicator and the
-  // peer's member index there, or this communicator and `peer`.
-  std::pair<NcclCommunicator*, int> route(bool send, int peer, int tag);
+  // A send or receive (call.peer: the member of this group) deferred on the channel of its tag
+  // and direction, or on this communicator.
+  CommHandlePtr post_p2p(P2pCall call, int tag);
 
   template <class Enqueue>
   CommHandlePtr issue(std::string what, Enqueue&& enqueue);

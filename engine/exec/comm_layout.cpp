@@ -10,11 +10,7 @@
 namespace px {
 namespace {
 
-// Tags (communicator.hpp) keep message streams apart: with two pipeline stages "next" and
-// "previous" are the same member, and activations and gradients must not match each other's receives.
-
 struct Views {
-  const Program& program;
   const MemoryPlan& memory;
 
   ArenaRange of(const TensorUse& u) const { return {memory.offsets[u.tensor] + u.offset, u.bytes}; }
@@ -42,7 +38,7 @@ struct Views {
 
 CommLayout comm_layout(const Program& program, std::uint32_t index, const MemoryPlan& memory, int member, int size) {
   const Op& op = program.ops[index];
-  const Views v{program, memory};
+  const Views v{memory};
   CommLayout L;
   L.dtype = op.dtype;
   const auto e = static_cast<std::int64_t>(dtype_bytes(op.dtype));
@@ -127,7 +123,9 @@ CommLayout comm_layout(const Program& program, std::uint32_t index, const Memory
       break;
     // A message is copied out at posting: its tensor's bytes are free for reuse at once, so the
     // sender never waits for its receiver to reach the matching receive (which may be waiting for
-    // this member further down its program).
+    // this member further down its program). Tags (communicator.hpp) keep message streams apart:
+    // with two pipeline stages "next" and "previous" are the same member, and activations and
+    // gradients must not match each other's receives.
     case OpKind::Send:
       L.call = CommLayout::Call::Send;
       L.tag = op.peer > 0 ? kForwardTag : kBackwardTag;

@@ -3,9 +3,7 @@
 #include "engine/exec/executor.hpp"
 
 #include <algorithm>
-#include <cassert>
 #include <chrono>
-#include <cstring>
 #include <fmt/format.h>
 
 #include "engine/core/error.hpp"
